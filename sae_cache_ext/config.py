@@ -1,0 +1,126 @@
+"""The runner's configuration: sae-lens's config plus the options sae-lens never wires.
+
+Every field of `sae_lens.CacheActivationsRunnerConfig` is inherited unchanged, with
+its default. Only the new fields are declared here, each with a docstring, and the
+cross-field rules are checked in `__post_init__` with errors that name the fields.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+from sae_lens import CacheActivationsRunnerConfig as _UpstreamConfig
+
+SeparatorToken = int | Literal["bos", "eos", "sep"] | None
+
+_SEPARATOR_NAMES = ("bos", "eos", "sep")
+_STORABLE_DTYPES = ("float32", "float16", "float64")
+# Fields that change where or whether a cache is uploaded, not what it holds.
+_NON_DATA_FIELDS = frozenset(
+    {"hf_repo_id", "hf_num_shards", "hf_revision", "hf_is_private_repo", "device"}
+)
+
+
+@dataclass
+class CacheActivationsRunnerConfig(_UpstreamConfig):
+    """sae-lens's `CacheActivationsRunnerConfig` with four more options.
+
+    `shuffle=True` here means the shuffle is written to disk (sae-lens only shuffles
+    the object it returns), seeded by `seed`.
+    """
+
+    disable_concat_sequences: bool = False
+    """Never join documents into one row: each row is the start of one document, and
+    documents shorter than `context_size` are skipped (sae-lens's store semantics)."""
+
+    sequence_separator_token: SeparatorToken = "bos"
+    """Token put between concatenated documents: a token id, `"bos"`, `"eos"`,
+    `"sep"` (the tokenizer's token of that name) or None for no separator."""
+
+    exclude_special_tokens: bool | list[int] = False
+    """Remove these tokens' positions before writing: True for the tokenizer's
+    special token ids, or an explicit list of ids. The remaining tokens are re-packed
+    into full rows, so the cache still holds as many rows."""
+
+    shuffle_across_sequences: bool = False
+    """Permute tokens (with their activations and token ids) across the rows of each
+    buffer, seeded by `(seed, buffer index)`. Needs `shuffle=True`."""
+
+    def __post_init__(self) -> None:
+        # Cheap checks on our own fields first, so a bad value fails before the
+        # parent's checks (which may look at the dataset).
+        self._check_new_fields()
+        super().__post_init__()
+
+    def _check_new_fields(self) -> None:
+        if self.shuffle_across_sequences and not self.shuffle:
+            raise ValueError(
+                "shuffle_across_sequences=True requires shuffle=True: set shuffle=True, "
+                "or set shuffle_across_sequences=False."
+            )
+        sep = self.sequence_separator_token
+        if isinstance(sep, bool) or not (
+            sep is None or isinstance(sep, int) or sep in _SEPARATOR_NAMES
+        ):
+            raise ValueError(
+                f"sequence_separator_token={sep!r} is not valid: use a token id (int), "
+                f"one of {list(_SEPARATOR_NAMES)}, or None for no separator."
+            )
+        if isinstance(sep, int) and sep < 0:
+            raise ValueError(
+                f"sequence_separator_token={sep} is negative: token ids start at 0."
+            )
+        exc = self.exclude_special_tokens
+        if not isinstance(exc, bool):
+            if not isinstance(exc, (list, tuple)) or not all(
+                isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in exc
+            ):
+                raise ValueError(
+                    f"exclude_special_tokens={exc!r} is not valid: use True (the "
+                    "tokenizer's special tokens), False, or a list of token ids (ints)."
+                )
+            self.exclude_special_tokens = [int(t) for t in exc]
+        if not isinstance(self.disable_concat_sequences, bool):
+            raise ValueError(
+                "disable_concat_sequences must be True or False, got "
+                f"{self.disable_concat_sequences!r}."
+            )
+        if self.dtype not in _STORABLE_DTYPES:
+            raise ValueError(
+                f"dtype={self.dtype!r} cannot be stored: the `datasets` Array2D feature "
+                f"supports {list(_STORABLE_DTYPES)} (not bfloat16). Set dtype='float32' "
+                "or 'float16'."
+            )
+
+    # -- derived values -------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as JSON-ready values (what gets uploaded and recorded)."""
+        return json.loads(json.dumps(asdict(self), default=str))
+
+    @property
+    def data_fingerprint(self) -> str:
+        """A hash of every field that changes the cached data.
+
+        Two runs with the same fingerprint produce the same dataset; it identifies a
+        run's leftovers and a finished cache.
+        """
+        values = {
+            f.name: v
+            for f, v in zip(fields(self), self.to_dict().values(), strict=True)
+            if f.name not in _NON_DATA_FIELDS
+        }
+        blob = json.dumps(values, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @classmethod
+    def from_upstream(
+        cls, upstream: _UpstreamConfig, **new_fields: Any
+    ) -> CacheActivationsRunnerConfig:
+        """Build ours from an existing sae-lens config, adding any new fields."""
+        values = {f.name: getattr(upstream, f.name) for f in fields(upstream)}
+        values.update(new_fields)
+        return cls(**values)

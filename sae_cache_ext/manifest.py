@@ -1,0 +1,86 @@
+"""What a cache records about itself, and the dataset folder's metadata files.
+
+The manifest (`sae_cache_ext_manifest.json`) sits beside the Arrow files. While the
+cache is being built it only marks the staging folder as ours; when the cache is
+finished it holds the config, versions, counts, shard checksums and timings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from datasets import Features
+
+from sae_cache_ext.staging import MARKER, STATE_COMPLETE
+from sae_cache_ext.writer import ShardInfo, write_json_atomic
+
+MANIFEST_FORMAT = 1
+_PACKAGES = ("sae-cache-ext", "sae-lens", "transformer-lens", "torch", "datasets")
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def dataset_fingerprint(shards: list[ShardInfo]) -> str:
+    """A deterministic `datasets` fingerprint: the same data gives the same value."""
+    blob = json.dumps([(s.filename, s.sha256) for s in shards]).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def write_dataset_metadata(
+    folder: Path, shards: list[ShardInfo], features: Features
+) -> None:
+    """Write `state.json` and `dataset_info.json` so `load_from_disk` reads `folder`."""
+    state = {
+        "_data_files": [{"filename": s.filename} for s in shards],
+        "_fingerprint": dataset_fingerprint(shards),
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": None,
+    }
+    info = {
+        "citation": "",
+        "description": "",
+        "features": features.to_dict(),
+        "homepage": "",
+        "license": "",
+    }
+    write_json_atomic(folder / "state.json", state)
+    write_json_atomic(folder / "dataset_info.json", info)
+
+
+def finish_manifest(
+    folder: Path, marker: dict[str, Any], config: dict[str, Any], **facts: Any
+) -> dict[str, Any]:
+    """Turn the staging marker into the finished cache's manifest (atomically)."""
+    shards: list[ShardInfo] = facts.pop("shards")
+    manifest = {
+        **marker,
+        "state": STATE_COMPLETE,
+        "format": MANIFEST_FORMAT,
+        "config": config,
+        "versions": package_versions(),
+        "shards": [asdict(s) for s in shards],
+        "rows": sum(s.rows for s in shards),
+        **facts,
+    }
+    write_json_atomic(folder / MARKER, manifest)
+    return manifest
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / MARKER).read_text())

@@ -1,0 +1,162 @@
+"""Where buffers go: straight to shards in generation order, or through a persisted,
+seeded global row shuffle.
+
+The shuffle takes two passes and never holds more than about two buffers in memory:
+
+1. scatter: each buffer sends every row, at random (`Generator(seed, buffer index)`),
+   to one of K bucket files, appending one record batch per bucket;
+2. gather: each bucket is read whole, permuted in memory
+   (`Generator(seed, bucket index)`), written as final shard k, and deleted.
+
+Every row lands in a uniformly random bucket and every bucket is permuted uniformly,
+so the concatenated buckets are a uniform random permutation of all rows. The data is
+written once more than without the shuffle, read sequentially, and the disk holds at
+most the dataset plus one bucket (1 + 1/K of the final size).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+from datasets import Features
+from tqdm.auto import tqdm
+
+from sae_cache_ext.packing import Stream, assign_buckets, seeded_generator
+from sae_cache_ext.writer import (
+    ShardInfo,
+    read_table,
+    rows_to_table,
+    write_table,
+)
+
+logger = logging.getLogger(__name__)
+
+MIN_BUCKETS = 4
+MAX_BUCKETS = 1024
+
+
+def shard_name(index: int, total: int) -> str:
+    return f"data-{index:05d}-of-{total:05d}.arrow"
+
+
+def choose_n_buckets(n_buffers: int) -> int:
+    """About one buffer per bucket, at least 4 (disk peak 1.25x), and few enough
+    open files for this process's limit."""
+    soft_limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    cap = MAX_BUCKETS
+    if soft_limit != resource.RLIM_INFINITY:
+        cap = max(MIN_BUCKETS, min(cap, soft_limit // 2))
+    return max(MIN_BUCKETS, min(n_buffers, cap))
+
+
+class OrderedSink:
+    """Writes each buffer as one shard, in generation order."""
+
+    def __init__(self, folder: Path, features: Features, hook_name: str, dtype: str):
+        self.folder = folder
+        self.features = features
+        self.hook_name = hook_name
+        self.dtype = dtype
+        self._shards: dict[int, ShardInfo] = {}
+
+    def write_buffer(
+        self, index: int, acts_RTD: torch.Tensor, toks_RT: torch.Tensor
+    ) -> None:
+        table = rows_to_table(self.hook_name, acts_RTD, toks_RT, self.dtype)
+        path = self.folder / f"buffer-{index:05d}.arrow"
+        self._shards[index] = write_table(path, table, self.features)
+
+    def finish(self, quiet: bool = False) -> list[ShardInfo]:
+        """Rename the buffers' files to the final shard names, in buffer order."""
+        total = len(self._shards)
+        shards = []
+        for position, index in enumerate(sorted(self._shards)):
+            info = self._shards[index]
+            name = shard_name(position, total)
+            os.replace(self.folder / info.filename, self.folder / name)
+            info.filename = name
+            shards.append(info)
+        return shards
+
+
+class BucketShuffleSink:
+    """Scatters buffers into bucket files, then gathers each into a permuted shard."""
+
+    def __init__(
+        self,
+        folder: Path,
+        features: Features,
+        hook_name: str,
+        dtype: str,
+        seed: int,
+        n_buckets: int,
+    ):
+        self.folder = folder
+        self.features = features
+        self.hook_name = hook_name
+        self.dtype = dtype
+        self.seed = seed
+        self.n_buckets = n_buckets
+        self._bucket_dir = folder / "buckets"
+        self._bucket_dir.mkdir()
+        self._streams: dict[int, tuple[pa.NativeFile, pa.ipc.RecordBatchStreamWriter]] = {}
+
+    def _bucket_path(self, k: int) -> Path:
+        return self._bucket_dir / f"bucket-{k:05d}.arrow"
+
+    def _stream(self, k: int) -> pa.ipc.RecordBatchStreamWriter:
+        if k not in self._streams:
+            sink = pa.OSFile(str(self._bucket_path(k)), "wb")
+            self._streams[k] = (sink, pa.ipc.new_stream(sink, self.features.arrow_schema))
+        return self._streams[k][1]
+
+    def write_buffer(
+        self, index: int, acts_RTD: torch.Tensor, toks_RT: torch.Tensor
+    ) -> None:
+        generator = seeded_generator(self.seed, index, Stream.BUCKET_ASSIGNMENT)
+        buckets = assign_buckets(acts_RTD.shape[0], self.n_buckets, generator)
+        order_R = torch.cat(buckets)
+        table = rows_to_table(
+            self.hook_name, acts_RTD[order_R], toks_RT[order_R], self.dtype
+        ).cast(self.features.arrow_schema)
+        offset = 0
+        for k, rows in enumerate(buckets):
+            n = rows.numel()
+            if n:
+                for batch in table.slice(offset, n).to_batches():
+                    self._stream(k).write_batch(batch)
+            offset += n
+
+    def _close_streams(self) -> None:
+        for sink, stream in self._streams.values():
+            stream.close()
+            sink.close()
+
+    def finish(self, quiet: bool = False) -> list[ShardInfo]:
+        """Gather every bucket into one permuted shard, deleting buckets as it goes."""
+        self._close_streams()
+        filled = sorted(self._streams)
+        shards = []
+        for position, k in enumerate(
+            tqdm(filled, desc="Shuffling shards", unit="shard", disable=quiet)
+        ):
+            bucket_path = self._bucket_path(k)
+            table = read_table(bucket_path)
+            generator = seeded_generator(self.seed, k, Stream.BUCKET_PERMUTATION)
+            perm = torch.randperm(table.num_rows, generator=generator)
+            shuffled = table.take(pa.array(perm.numpy()))
+            del table
+            name = shard_name(position, len(filled))
+            shards.append(write_table(self.folder / name, shuffled, self.features))
+            del shuffled
+            bucket_path.unlink()
+        self._bucket_dir.rmdir()
+        return shards
+
+    def abort(self) -> None:
+        self._close_streams()

@@ -1,0 +1,212 @@
+"""Arrow shards built straight from tensors, and a background thread that writes them.
+
+The files are Arrow IPC streams with the schema `datasets.load_from_disk` expects
+(`<hook>`: `Array2D(T, D)`, `token_ids`: `Sequence(int32, length=T)`), so a folder of
+them plus `state.json`/`dataset_info.json` is a dataset sae-lens trains from.
+
+Overflow policy: the queue to the writer is bounded; when it is full the producer
+(the model loop) blocks until the writer catches up. Nothing is ever dropped. The time
+spent blocked and the deepest queue seen are counted in `WriterStats`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from datasets import Array2D, Features, Sequence, Value
+from datasets.features.features import Array2DExtensionType
+
+logger = logging.getLogger(__name__)
+
+ROWS_PER_RECORD_BATCH = 1024
+TOKEN_IDS = "token_ids"
+
+
+def cache_features(hook_name: str, context_size: int, d_in: int, dtype: str) -> Features:
+    """The dataset schema sae-lens writes and reads."""
+    return Features(
+        {
+            hook_name: Array2D(shape=(context_size, d_in), dtype=dtype),
+            TOKEN_IDS: Sequence(Value(dtype="int32"), length=context_size),
+        }
+    )
+
+
+def _torch_to_numpy(tensor: torch.Tensor, dtype: str) -> np.ndarray:
+    return tensor.detach().to("cpu").contiguous().numpy().astype(dtype, copy=False)
+
+
+def rows_to_table(
+    hook_name: str, acts_RTD: torch.Tensor, toks_RT: torch.Tensor, dtype: str
+) -> pa.Table:
+    """Build an Arrow table from tensors without going through Python objects."""
+    n_rows, context_size, d_in = acts_RTD.shape
+    values = pa.array(_torch_to_numpy(acts_RTD, dtype).reshape(-1))
+    inner = pa.ListArray.from_arrays(
+        pa.array(np.arange(0, n_rows * context_size * d_in + 1, d_in, dtype=np.int32)),
+        values,
+    )
+    outer = pa.ListArray.from_arrays(
+        pa.array(np.arange(0, n_rows * context_size + 1, context_size, dtype=np.int32)),
+        inner,
+    )
+    acts_col = pa.ExtensionArray.from_storage(
+        Array2DExtensionType(shape=(context_size, d_in), dtype=dtype), outer
+    )
+    toks_col = pa.FixedSizeListArray.from_arrays(
+        pa.array(_torch_to_numpy(toks_RT, "int32").reshape(-1)), context_size
+    )
+    return pa.Table.from_arrays([acts_col, toks_col], names=[hook_name, TOKEN_IDS])
+
+
+@dataclass
+class ShardInfo:
+    """One Arrow file on disk: its name, row count and checksum."""
+
+    filename: str
+    rows: int
+    sha256: str
+    nbytes: int
+
+
+def write_table(path: Path, table: pa.Table, features: Features) -> ShardInfo:
+    """Write `table` as an Arrow stream at `path` (fsynced) and checksum it."""
+    schema = features.arrow_schema
+    table = table.cast(schema) if table.schema != schema else table
+    with pa.OSFile(str(path), "wb") as sink:
+        with pa.ipc.new_stream(sink, schema) as stream:
+            for batch in table.to_batches(max_chunksize=ROWS_PER_RECORD_BATCH):
+                stream.write_batch(batch)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return ShardInfo(
+        filename=path.name,
+        rows=table.num_rows,
+        sha256=file_sha256(path),
+        nbytes=path.stat().st_size,
+    )
+
+
+def read_table(path: Path) -> pa.Table:
+    """Read a whole Arrow stream file into memory."""
+    with pa.memory_map(str(path), "r") as source:
+        return pa.ipc.open_stream(source).read_all()
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    """Write JSON so that a reader sees the old file or the new one, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class WriterStats:
+    """What the background writer saw: blocked producer time and queue depth."""
+
+    stall_seconds: float = 0.0
+    stalls: int = 0
+    max_queue_depth: int = 0
+    jobs: int = 0
+    write_seconds: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class BackgroundWriter:
+    """Runs write jobs in order on one background thread, fed by a bounded queue.
+
+    `submit` blocks while `max_pending` jobs wait (the producer is throttled, nothing
+    is dropped). The first error in a job is raised again in the producer, at the
+    next `submit` or at `close`.
+    """
+
+    def __init__(self, max_pending: int = 2) -> None:
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be at least 1, got {max_pending}.")
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(max_pending)
+        self._error: BaseException | None = None
+        self.stats = WriterStats()
+        self._thread = threading.Thread(
+            target=self._loop, name="sae-cache-ext-writer", daemon=True
+        )
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while (job := self._queue.get()) is not None:
+            if self._error is None:
+                start = time.perf_counter()
+                try:
+                    job()
+                except BaseException as error:  # handed to the producer thread
+                    self._error = error
+                self.stats.write_seconds += time.perf_counter() - start
+            self._queue.task_done()
+        self._queue.task_done()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self._raise_if_failed()
+        self.stats.jobs += 1
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            self.stats.stalls += 1
+            start = time.perf_counter()
+            self._queue.put(job)
+            self.stats.stall_seconds += time.perf_counter() - start
+        self.stats.max_queue_depth = max(
+            self.stats.max_queue_depth, self._queue.qsize()
+        )
+
+    def close(self) -> None:
+        """Wait for every job, stop the thread, and raise the first job error."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        self._raise_if_failed()
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, exc_type: object, *_: object) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._thread.is_alive():  # already failing: stop without raising again
+            self._error = self._error or RuntimeError("cancelled")
+            self._queue.put(None)
+            self._thread.join()
+
+
+def iter_tables(paths: list[Path]) -> Iterator[pa.Table]:
+    for path in paths:
+        yield read_table(path)
