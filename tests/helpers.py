@@ -1,0 +1,44 @@
+"""Small helpers shared by the runner tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sae_lens
+import sae_lens.cache_activations_runner as upstream_module
+from datasets import Dataset, load_from_disk
+
+from sae_cache_ext import CacheActivationsRunner, CacheActivationsRunnerConfig
+
+HOOK = "blocks.0.hook_resid_post"
+
+
+def run_ours(cfg: CacheActivationsRunnerConfig, model, corpus: Dataset) -> Dataset:
+    return CacheActivationsRunner(
+        cfg, override_dataset=corpus, override_model=model, quiet=True
+    ).run()
+
+
+def run_upstream(
+    kwargs: dict[str, Any], model, corpus: Dataset, monkeypatch
+) -> Dataset:
+    """sae-lens's own runner. Its constructor always calls `load_model`, which would
+    download; we hand it the local model instead, and change nothing else."""
+    monkeypatch.setattr(upstream_module, "load_model", lambda **_: model)
+    cfg = sae_lens.CacheActivationsRunnerConfig(**kwargs)
+    return sae_lens.CacheActivationsRunner(cfg, override_dataset=corpus).run()
+
+
+def columns(
+    dataset: Dataset | str | Path, hook: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """`(acts_RTD, toks_RT)` as numpy arrays, in the dataset's row order. The hook
+    column is the one that is not `token_ids` unless `hook` names it."""
+    if not isinstance(dataset, Dataset):
+        dataset = load_from_disk(str(dataset))
+    if hook is None:
+        (hook,) = [c for c in dataset.column_names if c != "token_ids"]
+    numpy_ds = dataset.with_format("numpy")
+    return np.asarray(numpy_ds[hook]), np.asarray(numpy_ds["token_ids"])
