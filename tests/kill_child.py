@@ -1,0 +1,60 @@
+"""A caching run that SIGKILLs itself at a chosen point; used by test_crash.py.
+
+Usage: python -m tests.kill_child SPEC_JSON
+SPEC_JSON holds the tokenizer folder, the model's saved weights, the config kwargs,
+and `kill`: `[target, n]`: the process kills itself with SIGKILL right before the
+n-th call of `target` ("os.rename", "Path.rmdir", "write_table", "write_buffer",
+"write_json_atomic"), or never when `kill` is null.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+
+def _kill_before_call(owner, name: str, n: int) -> None:
+    real = getattr(owner, name)
+    calls = 0
+
+    def wrapper(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+
+    setattr(owner, name, wrapper)
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    import torch
+
+    from sae_cache_ext import CacheActivationsRunner, CacheActivationsRunnerConfig
+    from sae_cache_ext import manifest, shuffle
+    from tests.fixtures import build_corpus, build_model
+
+    model = build_model(Path(spec["tokenizer_dir"]))
+    model.load_state_dict(torch.load(spec["weights"]))
+    if spec["kill"] is not None:
+        target, n = spec["kill"]
+        owners = {
+            "os.rename": (os, "rename"),
+            "Path.rmdir": (Path, "rmdir"),
+            "write_table": (shuffle, "write_table"),
+            "write_buffer": (shuffle.BucketShuffleSink, "write_buffer"),
+            "write_json_atomic": (manifest, "write_json_atomic"),
+        }
+        _kill_before_call(*owners[target], n)
+    cfg = CacheActivationsRunnerConfig(**spec["cfg"])
+    CacheActivationsRunner(
+        cfg, override_dataset=build_corpus(), override_model=model, quiet=True
+    ).run()
+
+
+if __name__ == "__main__":
+    main()
