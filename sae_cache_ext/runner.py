@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import torch
-from datasets import Dataset, load_from_disk
+from datasets import Dataset
 from sae_lens import CacheActivationsRunner as _UpstreamRunner
 from sae_lens.cache_activations_runner import _mk_activations_store
 from sae_lens.load_model import load_model
@@ -74,7 +74,9 @@ class CacheActivationsRunner(_UpstreamRunner):
                 device=cfg.device,
                 model_from_pretrained_kwargs=cfg.model_from_pretrained_kwargs,
             )
-        self.model = override_model
+        if override_model is None:
+            raise ValueError(f"could not load model_name={cfg.model_name!r}")
+        self.model: HookedRootModule = override_model
         if cfg.compile_llm:
             self.model = torch.compile(self.model, mode=cfg.llm_compilation_mode)  # type: ignore[assignment]
         self.exclude_ids = self._resolve_excluded_ids()
@@ -132,7 +134,9 @@ class CacheActivationsRunner(_UpstreamRunner):
         args = (folder, self.features, self.cfg.hook_name, self.cfg.dtype)
         if self.cfg.shuffle:
             return BucketShuffleSink(
-                *args, seed=self.cfg.seed, n_buckets=choose_n_buckets(self.cfg.n_buffers)
+                *args,
+                seed=self.cfg.seed,
+                n_buckets=choose_n_buckets(self.cfg.n_buffers),
             )
         return OrderedSink(*args)
 
@@ -147,7 +151,7 @@ class CacheActivationsRunner(_UpstreamRunner):
                     "%s already holds this config's finished cache; returning it.",
                     self.layout.final,
                 )
-                return self._publish(load_from_disk(str(self.layout.final)))
+                return self._publish(Dataset.load_from_disk(str(self.layout.final)))
         staging.check_output_free(self.layout)
 
         started = time.perf_counter()
@@ -164,7 +168,9 @@ class CacheActivationsRunner(_UpstreamRunner):
                 ):
                     acts_RTD, toks_RT = self._buffer_rows(packer, index)
                     writer.submit(
-                        lambda i=index, a=acts_RTD, t=toks_RT: sink.write_buffer(i, a, t)
+                        lambda i=index, a=acts_RTD, t=toks_RT: sink.write_buffer(
+                            i, a, t
+                        )
                     )
                     del acts_RTD, toks_RT
             cached = time.perf_counter()
@@ -191,7 +197,7 @@ class CacheActivationsRunner(_UpstreamRunner):
             )
             staging.swap_into_place(self.layout)
         logger.info("Cached activations at %s", self.layout.final)
-        return self._publish(load_from_disk(str(self.layout.final)))
+        return self._publish(Dataset.load_from_disk(str(self.layout.final)))
 
     def _publish(self, dataset: Dataset) -> Dataset:
         if self.cfg.hf_repo_id:

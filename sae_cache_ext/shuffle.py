@@ -104,7 +104,9 @@ class BucketShuffleSink:
         self.n_buckets = n_buckets
         self._bucket_dir = folder / "buckets"
         self._bucket_dir.mkdir()
-        self._streams: dict[int, tuple[pa.NativeFile, pa.ipc.RecordBatchStreamWriter]] = {}
+        self._streams: dict[
+            int, tuple[pa.NativeFile, pa.ipc.RecordBatchStreamWriter]
+        ] = {}
 
     def _bucket_path(self, k: int) -> Path:
         return self._bucket_dir / f"bucket-{k:05d}.arrow"
@@ -112,7 +114,10 @@ class BucketShuffleSink:
     def _stream(self, k: int) -> pa.ipc.RecordBatchStreamWriter:
         if k not in self._streams:
             sink = pa.OSFile(str(self._bucket_path(k)), "wb")
-            self._streams[k] = (sink, pa.ipc.new_stream(sink, self.features.arrow_schema))
+            self._streams[k] = (
+                sink,
+                pa.ipc.new_stream(sink, self.features.arrow_schema),
+            )
         return self._streams[k][1]
 
     def write_buffer(

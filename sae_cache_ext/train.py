@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset, load_from_disk
+from datasets import Dataset
 from sae_lens import (
     LanguageModelSAERunnerConfig,
     LanguageModelSAETrainingRunner,
@@ -40,7 +40,7 @@ class SAEEvaluation:
 
 def cache_shape(cache_path: str | Path) -> tuple[str, int, int, int]:
     """`(hook_name, rows, context_size, d_in)` read from the cache's schema."""
-    dataset = load_from_disk(str(cache_path))
+    dataset = Dataset.load_from_disk(str(cache_path))
     (hook_name,) = [c for c in dataset.column_names if c != "token_ids"]
     context_size, d_in = dataset.features[hook_name].shape
     return hook_name, len(dataset), context_size, d_in
@@ -118,8 +118,9 @@ def train_sae_from_cache(
 def evaluate_sae(sae, cache_path: str | Path, eval_rows: int) -> SAEEvaluation:
     """Explained variance, MSE and L0 of `sae` on the last `eval_rows` cache rows."""
     hook_name, n_rows, _, d_in = cache_shape(cache_path)
-    dataset = load_from_disk(str(cache_path)).with_format("torch")
-    acts_ND = dataset[n_rows - eval_rows :][hook_name].reshape(-1, d_in).float()
+    dataset = Dataset.load_from_disk(str(cache_path)).with_format("torch")
+    acts_RTD: torch.Tensor = dataset[n_rows - eval_rows :][hook_name]
+    acts_ND = acts_RTD.reshape(-1, d_in).float()
     feats_NS = sae.encode(acts_ND)
     recon_ND = sae.decode(feats_NS)
     mse = (recon_ND - acts_ND).pow(2).sum(-1).mean().item()

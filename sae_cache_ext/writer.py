@@ -18,7 +18,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,9 @@ ROWS_PER_RECORD_BATCH = 1024
 TOKEN_IDS = "token_ids"
 
 
-def cache_features(hook_name: str, context_size: int, d_in: int, dtype: str) -> Features:
+def cache_features(
+    hook_name: str, context_size: int, d_in: int, dtype: str
+) -> Features:
     """The dataset schema sae-lens writes and reads."""
     return Features(
         {
@@ -86,10 +88,9 @@ def write_table(path: Path, table: pa.Table, features: Features) -> ShardInfo:
     """Write `table` as an Arrow stream at `path` (fsynced) and checksum it."""
     schema = features.arrow_schema
     table = table.cast(schema) if table.schema != schema else table
-    with pa.OSFile(str(path), "wb") as sink:
-        with pa.ipc.new_stream(sink, schema) as stream:
-            for batch in table.to_batches(max_chunksize=ROWS_PER_RECORD_BATCH):
-                stream.write_batch(batch)
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as stream:
+        for batch in table.to_batches(max_chunksize=ROWS_PER_RECORD_BATCH):
+            stream.write_batch(batch)
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -205,8 +206,3 @@ class BackgroundWriter:
             self._error = self._error or RuntimeError("cancelled")
             self._queue.put(None)
             self._thread.join()
-
-
-def iter_tables(paths: list[Path]) -> Iterator[pa.Table]:
-    for path in paths:
-        yield read_table(path)

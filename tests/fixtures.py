@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import pydoc_data.topics
 from pathlib import Path
 
-import pydoc_data.topics
 from datasets import Dataset
 
 D_MODEL = 32

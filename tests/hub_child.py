@@ -38,7 +38,8 @@ def main() -> None:
             {
                 "rows": len(pushed),
                 "hub_equals_local": bool(
-                    hub_acts.tobytes() == acts.tobytes() and np.array_equal(hub_toks, toks)
+                    hub_acts.tobytes() == acts.tobytes()
+                    and np.array_equal(hub_toks, toks)
                 ),
                 "hub_equals_disk": bool(
                     hub_acts.tobytes() == disk_acts.tobytes()

@@ -34,8 +34,12 @@ def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     import torch
 
-    from sae_cache_ext import CacheActivationsRunner, CacheActivationsRunnerConfig
-    from sae_cache_ext import manifest, shuffle
+    from sae_cache_ext import (
+        CacheActivationsRunner,
+        CacheActivationsRunnerConfig,
+        manifest,
+        shuffle,
+    )
     from tests.fixtures import build_corpus, build_model
 
     model = build_model(Path(spec["tokenizer_dir"]))

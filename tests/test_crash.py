@@ -79,7 +79,9 @@ def reference(tmp_path_factory, tiny_model, corpus):
 @pytest.mark.parametrize(
     "kill",
     [
-        pytest.param(k, marks=() if k in FAST else pytest.mark.slow, id=f"{k[0]}-{k[1]}")
+        pytest.param(
+            k, marks=() if k in FAST else pytest.mark.slow, id=f"{k[0]}-{k[1]}"
+        )
         for k in KILL_POINTS
     ],
 )
@@ -131,7 +133,9 @@ def test_sigkill_never_exposes_a_wrong_dataset_and_a_rerun_completes(
     from sae_cache_ext import CacheActivationsRunnerConfig
 
     with caplog.at_level("WARNING"):
-        dataset = run_ours(CacheActivationsRunnerConfig(**cfg_kwargs), tiny_model, corpus)
+        dataset = run_ours(
+            CacheActivationsRunnerConfig(**cfg_kwargs), tiny_model, corpus
+        )
     assert caplog.records, "the rerun should warn about the interrupted run"
     acts, toks = columns(dataset)
     assert acts.tobytes() == reference[0].tobytes()

@@ -68,8 +68,14 @@ def test_push_sends_the_persisted_shuffled_dataset_config_and_manifest(
     assert uploaded_cfg["sequence_separator_token"] == "bos"
     assert uploaded_cfg["hook_name"] == cfg["hook_name"]
     manifest = json.loads(hub.read_file("me/tiny-cache", MARKER))
-    local_manifest = json.loads((Path(cfg["new_cached_activations_path"]) / MARKER).read_text())
+    local_manifest = json.loads(
+        (Path(cfg["new_cached_activations_path"]) / MARKER).read_text()
+    )
     assert manifest == local_manifest
     # no secret travels with the cache
     token = env["HF_TOKEN"]
-    assert token and token not in json.dumps(manifest) and token not in json.dumps(uploaded_cfg)
+    assert (
+        token
+        and token not in json.dumps(manifest)
+        and token not in json.dumps(uploaded_cfg)
+    )

@@ -157,7 +157,7 @@ def test_exclude_special_tokens_true_removes_the_tokenizer_specials(
         )
     )[1]
     assert np.isin(plain_toks, list(specials)).any()  # there was something to remove
-    acts, toks = columns(run_ours(cfg, tiny_model, corpus))
+    _, toks = columns(run_ours(cfg, tiny_model, corpus))
     assert not np.isin(toks, list(specials)).any()
     # the cache still holds as many full rows
     assert toks.shape == (cfg.n_seq_in_dataset, cfg.sliced_context_size)

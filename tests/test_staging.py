@@ -133,7 +133,9 @@ def test_output_path_that_is_a_file_is_refused_before_the_model_runs(
 ):
     cfg = make_cfg()
     Path(cfg.new_cached_activations_path).write_text("a file")
-    with pytest.raises(FileExistsError, match="new_cached_activations_path.*is a file"):
+    with pytest.raises(
+        FileExistsError, match=r"new_cached_activations_path.*is a file"
+    ):
         CacheActivationsRunner(cfg, override_dataset=corpus, override_model=tiny_model)
 
 
@@ -191,5 +193,9 @@ def test_a_rerun_after_a_crash_mid_run_cleans_up_and_completes(
     assert "interrupted run" in caplog.text
     assert len(dataset) == cfg.n_seq_in_dataset
     assert not layout.staging.exists()
-    reference = make_cfg(shuffle=True, new_cached_activations_path=str(layout.final) + "-ref")
-    assert np.array_equal(columns(dataset)[1], columns(run_ours(reference, tiny_model, corpus))[1])
+    reference = make_cfg(
+        shuffle=True, new_cached_activations_path=str(layout.final) + "-ref"
+    )
+    assert np.array_equal(
+        columns(dataset)[1], columns(run_ours(reference, tiny_model, corpus))[1]
+    )

@@ -8,7 +8,9 @@ from sae_cache_ext.train import evaluate_sae, train_sae_from_cache
 from tests.helpers import run_ours
 
 
-def test_sae_trained_from_the_cache_reconstructs_unseen_rows(make_cfg, tiny_model, corpus):
+def test_sae_trained_from_the_cache_reconstructs_unseen_rows(
+    make_cfg, tiny_model, corpus
+):
     # 64 buffers of 8 rows x 16 tokens: 8192 tokens; the last 32 rows are held out.
     cfg = make_cfg(
         shuffle=True,
@@ -38,6 +40,10 @@ def test_training_refuses_to_read_the_held_out_rows(make_cfg, tiny_model, corpus
     run_ours(cfg, tiny_model, corpus)
     with pytest.raises(ValueError, match="eval rows"):
         train_sae_from_cache(
-            cfg.new_cached_activations_path, tiny_model, d_sae=8, k=2,
-            training_tokens=cfg.training_tokens, eval_rows=4,
+            cfg.new_cached_activations_path,
+            tiny_model,
+            d_sae=8,
+            k=2,
+            training_tokens=cfg.training_tokens,
+            eval_rows=4,
         )
