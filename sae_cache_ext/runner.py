@@ -159,7 +159,7 @@ class CacheActivationsRunner(_UpstreamRunner):
             marker = staging.read_marker(folder) or {}
             sink = self._make_sink(folder)
             packer = RowPacker(self.context_size)
-            with BackgroundWriter(max_pending=2) as writer:
+            with BackgroundWriter(max_pending=1) as writer:
                 for index in tqdm(
                     range(cfg.n_buffers),
                     desc="Caching activations",

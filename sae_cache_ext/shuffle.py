@@ -22,6 +22,7 @@ import resource
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from datasets import Features
 from tqdm.auto import tqdm
@@ -30,12 +31,15 @@ from sae_cache_ext.packing import Stream, assign_buckets, seeded_generator
 from sae_cache_ext.writer import (
     ShardInfo,
     read_table,
+    release_freed_memory,
     rows_to_table,
     write_table,
 )
 
 logger = logging.getLogger(__name__)
 
+# Arrow allocations go through glibc, so `release_freed_memory` can return them.
+_POOL = pa.system_memory_pool()
 MIN_BUCKETS = 4
 MAX_BUCKETS = 1024
 
@@ -70,6 +74,8 @@ class OrderedSink:
         table = rows_to_table(self.hook_name, acts_RTD, toks_RT, self.dtype)
         path = self.folder / f"buffer-{index:05d}.arrow"
         self._shards[index] = write_table(path, table, self.features)
+        del table, acts_RTD, toks_RT
+        release_freed_memory()
 
     def finish(self, quiet: bool = False) -> list[ShardInfo]:
         """Rename the buffers' files to the final shard names, in buffer order."""
@@ -136,6 +142,8 @@ class BucketShuffleSink:
                 for batch in table.slice(offset, n).to_batches():
                     self._stream(k).write_batch(batch)
             offset += n
+        del table, acts_RTD, toks_RT
+        release_freed_memory()
 
     def _close_streams(self) -> None:
         for sink, stream in self._streams.values():
@@ -154,12 +162,13 @@ class BucketShuffleSink:
             table = read_table(bucket_path)
             generator = seeded_generator(self.seed, k, Stream.BUCKET_PERMUTATION)
             perm = torch.randperm(table.num_rows, generator=generator)
-            shuffled = table.take(pa.array(perm.numpy()))
+            shuffled = pc.take(table, pa.array(perm.numpy()), memory_pool=_POOL)
             del table
             name = shard_name(position, len(filled))
             shards.append(write_table(self.folder / name, shuffled, self.features))
             del shuffled
             bucket_path.unlink()
+            release_freed_memory()
         self._bucket_dir.rmdir()
         return shards
 

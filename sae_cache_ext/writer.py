@@ -11,6 +11,7 @@ spent blocked and the deepest queue seen are counted in `WriterStats`.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import logging
@@ -102,6 +103,29 @@ def write_table(path: Path, table: pa.Table, features: Features) -> ShardInfo:
         sha256=file_sha256(path),
         nbytes=path.stat().st_size,
     )
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc's `malloc_trim`).
+
+    Buffers are tens of MB to GB; glibc raises its mmap threshold after freeing one,
+    then keeps later ones in per-thread heaps that only grow. Trimming after each
+    buffer keeps the resident set flat. A no-op where glibc is absent.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018  (raises AttributeError where it is missing)
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _load_libc()
 
 
 def read_table(path: Path) -> pa.Table:
