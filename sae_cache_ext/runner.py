@@ -115,7 +115,13 @@ class CacheActivationsRunner(_UpstreamRunner):
 
     # -- the caching loop -------------------------------------------------------------
 
-    def _buffer_rows(self, packer: RowPacker, index: int) -> tuple[torch.Tensor, ...]:
+    @property
+    def n_tokens_to_cache(self) -> int:
+        return self.cfg.n_buffers * self.cfg.n_seq_in_buffer * self.context_size
+
+    def _buffer_rows(
+        self, packer: RowPacker, index: int, progress: tqdm | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Buffer `index` as `(acts_RTD, toks_RT)`: pull batches until a buffer's
         worth of kept tokens is packed, then permute tokens if asked to."""
         need = self.cfg.n_seq_in_buffer * self.context_size
@@ -123,7 +129,10 @@ class CacheActivationsRunner(_UpstreamRunner):
             acts_ND, toks_N = self.activations_store.get_raw_llm_batch()
             if toks_N is None:
                 raise ValueError("the activations store returned no token ids")
+            before = packer.n_tokens
             packer.add(*drop_tokens(acts_ND, toks_N, self.exclude_ids))
+            if progress is not None:
+                progress.update(min(packer.n_tokens, need) - min(before, need))
         acts_RTD, toks_RT = packer.take_rows(self.cfg.n_seq_in_buffer)
         if self.cfg.shuffle_across_sequences:
             generator = seeded_generator(self.cfg.seed, index, Stream.TOKEN_PERMUTATION)
@@ -159,14 +168,18 @@ class CacheActivationsRunner(_UpstreamRunner):
             marker = staging.read_marker(folder) or {}
             sink = self._make_sink(folder)
             packer = RowPacker(self.context_size)
-            with BackgroundWriter(max_pending=1) as writer:
-                for index in tqdm(
-                    range(cfg.n_buffers),
+            with (
+                BackgroundWriter(max_pending=1) as writer,
+                tqdm(
+                    total=self.n_tokens_to_cache,
                     desc="Caching activations",
-                    unit="buffer",
+                    unit="tok",
+                    unit_scale=True,
                     disable=self.quiet,
-                ):
-                    acts_RTD, toks_RT = self._buffer_rows(packer, index)
+                ) as progress,
+            ):
+                for index in range(cfg.n_buffers):
+                    acts_RTD, toks_RT = self._buffer_rows(packer, index, progress)
                     writer.submit(
                         lambda i=index, a=acts_RTD, t=toks_RT: sink.write_buffer(
                             i, a, t
