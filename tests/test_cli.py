@@ -1,0 +1,148 @@
+"""The command line, run for real on a tiny local Llama folder and a text file."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from datasets import load_from_disk
+
+from sae_cache_ext.cli import main
+from sae_cache_ext.data import pydoc_corpus
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A tiny random Llama saved as a Hugging Face folder, with the toy tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-hf"
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "corpus.txt"
+    path.write_text("\n\n".join(pydoc_corpus()["text"][:400]))
+    return path
+
+
+def _config(tmp_path: Path, llama_dir: Path, text_file: Path, **extra) -> Path:
+    values = {
+        "model_name": str(llama_dir),
+        "dataset_path": str(text_file),
+        "hook_name": "blocks.1.hook_resid_post",
+        "d_in": 32,
+        "context_size": 16,
+        "model_batch_size": 4,
+        "training_tokens": 384,
+        "buffer_size_gb": (2 * 4 * 16 * 32 * 4 + 0.5) / 1e9,
+        "new_cached_activations_path": str(tmp_path / "cache"),
+        "shuffle": True,
+        "device": "cpu",
+        **extra,
+    }
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def test_run_caches_and_prints_a_summary(tmp_path, llama_dir, text_file, capsys):
+    cfg = _config(tmp_path, llama_dir, text_file)
+    status = main(
+        ["run", str(cfg), "--quiet", "--json", "--set", "shuffle_across_sequences=true"]
+    )
+    assert status == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["rows"] == 24 and summary["tokens"] == 384
+    assert summary["path"] == str(tmp_path / "cache")
+    assert summary["bytes_on_disk"] > 384 * 32 * 4
+    assert summary["tokens_per_second"] > 0
+    dataset = load_from_disk(str(tmp_path / "cache"))
+    assert dataset.features["blocks.1.hook_resid_post"].shape == (16, 32)
+    manifest = json.loads(
+        (tmp_path / "cache" / "sae_cache_ext_manifest.json").read_text()
+    )
+    assert manifest["config"]["shuffle_across_sequences"] is True
+
+
+def test_run_with_json_config_gives_the_same_cache_as_yaml(
+    tmp_path, llama_dir, text_file, capsys
+):
+    yaml_cfg = _config(tmp_path / "a", llama_dir, text_file)
+    values = yaml.safe_load(yaml_cfg.read_text())
+    values["new_cached_activations_path"] = str(tmp_path / "b" / "cache")
+    json_cfg = tmp_path / "cfg.json"
+    json_cfg.write_text(json.dumps(values))
+    assert main(["run", str(yaml_cfg), "-q"]) == 0
+    assert main(["run", str(json_cfg), "-q"]) == 0
+    a = load_from_disk(str(tmp_path / "a" / "cache")).with_format("numpy")
+    b = load_from_disk(str(tmp_path / "b" / "cache")).with_format("numpy")
+    assert np.array_equal(a["token_ids"], b["token_ids"])
+
+
+def test_unknown_field_is_named(tmp_path, llama_dir, text_file, capsys):
+    cfg = _config(tmp_path, llama_dir, text_file)
+    assert main(["run", str(cfg), "--set", "shufle=false"]) == 2
+    assert "unknown config field(s) ['shufle']" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()
+
+
+def test_bad_value_is_named(tmp_path, llama_dir, text_file, capsys):
+    cfg = _config(tmp_path, llama_dir, text_file)
+    assert main(["run", str(cfg), "--set", "sequence_separator_token=start"]) == 2
+    assert "sequence_separator_token" in capsys.readouterr().err
+
+
+def test_malformed_override_is_refused(tmp_path, llama_dir, text_file, capsys):
+    cfg = _config(tmp_path, llama_dir, text_file)
+    assert main(["run", str(cfg), "--set", "shuffle"]) == 2
+    assert "FIELD=VALUE" in capsys.readouterr().err
+
+
+def test_missing_config_file(tmp_path, capsys):
+    assert main(["run", str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["run", "info", "verify", "demo"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert f"usage: sae-cache-ext {command}" in capsys.readouterr().out
+
+
+def test_python_dash_m_runs_the_cli():
+    proc = subprocess.run(
+        [sys.executable, "-m", "sae_cache_ext", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert proc.returncode == 0 and "usage: sae-cache-ext" in proc.stdout
