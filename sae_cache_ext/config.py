@@ -49,6 +49,11 @@ class CacheActivationsRunnerConfig(_UpstreamConfig):
     """Permute tokens (with their activations and token ids) across the rows of each
     buffer, seeded by `(seed, buffer index)`. Needs `shuffle=True`."""
 
+    on_dataset_exhausted: Literal["warn", "error", "repeat"] = "warn"
+    """When the dataset runs out before `training_tokens`: `"warn"` finishes the cache
+    with what was read and records it in the manifest, `"error"` fails (nothing is
+    written), `"repeat"` starts the dataset again as sae-lens does (recorded)."""
+
     def __post_init__(self) -> None:
         # Cheap checks on our own fields first, so a bad value fails before the
         # parent's checks (which may look at the dataset).
@@ -87,6 +92,11 @@ class CacheActivationsRunnerConfig(_UpstreamConfig):
             raise ValueError(
                 "disable_concat_sequences must be True or False, got "
                 f"{self.disable_concat_sequences!r}."
+            )
+        if self.on_dataset_exhausted not in ("warn", "error", "repeat"):
+            raise ValueError(
+                f"on_dataset_exhausted={self.on_dataset_exhausted!r} is not valid: use "
+                "'warn', 'error' or 'repeat'."
             )
         if self.dtype not in _STORABLE_DTYPES:
             raise ValueError(

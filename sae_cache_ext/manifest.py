@@ -14,6 +14,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch
 from datasets import Features
 
 from sae_cache_ext.staging import MARKER, STATE_COMPLETE
@@ -68,8 +69,10 @@ def finish_manifest(
 ) -> dict[str, Any]:
     """Turn the staging marker into the finished cache's manifest (atomically)."""
     shards: list[ShardInfo] = facts.pop("shards")
+    # the staging bookkeeping (pid, host) has no place in the finished record
+    kept = {k: v for k, v in marker.items() if k not in ("pid", "host")}
     manifest = {
-        **marker,
+        **kept,
         "state": STATE_COMPLETE,
         "format": MANIFEST_FORMAT,
         "config": config,
@@ -80,6 +83,40 @@ def finish_manifest(
     }
     write_json_atomic(folder / MARKER, manifest)
     return manifest
+
+
+def weights_sha256(model: torch.nn.Module) -> str:
+    """A hash of every parameter and buffer, by name, in a fixed order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(
+            tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy()
+        )
+    return digest.hexdigest()
+
+
+def run_facts(model: torch.nn.Module, cfg: Any) -> dict[str, Any]:
+    """How the activations were computed: model, hook, precision, device, seeds."""
+    model_cfg = getattr(model, "cfg", None)
+    parameter = next(model.parameters(), None)
+    return {
+        "model_name": cfg.model_name,
+        "model_class": type(model).__name__,
+        "model_config_name": getattr(model_cfg, "model_name", None),
+        "weights_sha256": weights_sha256(model),
+        "model_dtype": None if parameter is None else str(parameter.dtype),
+        "hook_name": cfg.hook_name,
+        "d_in": cfg.d_in,
+        "dtype": cfg.dtype,
+        "device": str(parameter.device) if parameter is not None else cfg.device,
+        "autocast_lm": cfg.autocast_lm,
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "torch_num_threads": torch.get_num_threads(),
+        "seed": cfg.seed,
+        "torch_initial_seed": torch.initial_seed(),
+    }
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:

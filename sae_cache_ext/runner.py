@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from datasets import Dataset
@@ -23,7 +24,7 @@ from sae_lens.util import get_special_token_ids
 from tqdm.auto import tqdm
 from transformer_lens.hook_points import HookedRootModule
 
-from sae_cache_ext import hub, manifest, staging
+from sae_cache_ext import accounting, hub, manifest, staging
 from sae_cache_ext.config import CacheActivationsRunnerConfig
 from sae_cache_ext.packing import (
     RowPacker,
@@ -33,7 +34,8 @@ from sae_cache_ext.packing import (
     seeded_generator,
 )
 from sae_cache_ext.shuffle import BucketShuffleSink, OrderedSink, choose_n_buckets
-from sae_cache_ext.writer import BackgroundWriter, cache_features
+from sae_cache_ext.validate import validate_output_path, validate_run
+from sae_cache_ext.writer import BackgroundWriter, WriterStats, cache_features
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +65,9 @@ class CacheActivationsRunner(_UpstreamRunner):
         self.cfg = cfg
         self.quiet = quiet
         self.layout = staging.Layout.for_output(_output_path(cfg))
-        # Refuse a bad output path before the model is even loaded (unless a crashed
-        # swap left a backup: `run` sorts that out first).
-        if not self.layout.backup.exists():
-            staging.check_output_free(self.layout)
+        # Refuse a bad output path before the model is even loaded (a crashed swap's
+        # backup is left for `run` to sort out).
+        validate_output_path(cfg)
         if override_model is None:
             override_model = load_model(
                 model_class_name=cfg.model_class_name,
@@ -77,9 +78,19 @@ class CacheActivationsRunner(_UpstreamRunner):
         if override_model is None:
             raise ValueError(f"could not load model_name={cfg.model_name!r}")
         self.model: HookedRootModule = override_model
+        # Every check that needs the model or the data, before any forward pass.
+        validate_run(cfg, self.model, override_dataset)
         if cfg.compile_llm:
             self.model = torch.compile(self.model, mode=cfg.llm_compilation_mode)  # type: ignore[assignment]
         self.exclude_ids = self._resolve_excluded_ids()
+        tokenizer = getattr(self.model, "tokenizer", None)
+        self.ledger = accounting.Ledger(
+            context_size=cfg.context_size,
+            disable_concat_sequences=cfg.disable_concat_sequences,
+            bos_token_id=getattr(tokenizer, "bos_token_id", None),
+        )
+        self.exhausted = False
+        self._rows_used = 0
         self.activations_store = self._make_store(override_dataset)
         self.context_size = self._get_sliced_context_size(
             cfg.context_size, cfg.seqpos_slice
@@ -110,6 +121,16 @@ class CacheActivationsRunner(_UpstreamRunner):
         # the first sequence is drawn, so setting them here is equivalent.
         store.disable_concat_sequences = self.cfg.disable_concat_sequences
         store.sequence_separator_token = self.cfg.sequence_separator_token
+        # Watch documents going in and rows coming out, for the drop accounting.
+        # Instance attributes shadow the methods, so the store's own restarts (a
+        # new pass over the dataset) are watched too.
+        ledger = self.ledger
+        documents, sequences = (
+            store._iterate_raw_dataset_tokens,
+            store._iterate_tokenized_sequences,
+        )
+        store._iterate_raw_dataset_tokens = lambda: ledger.watch_documents(documents())  # type: ignore[method-assign]
+        store._iterate_tokenized_sequences = lambda: ledger.watch_sequences(sequences())  # type: ignore[method-assign]
         store.iterable_sequences = store._iterate_tokenized_sequences()
         return store
 
@@ -119,21 +140,46 @@ class CacheActivationsRunner(_UpstreamRunner):
     def n_tokens_to_cache(self) -> int:
         return self.cfg.n_buffers * self.cfg.n_seq_in_buffer * self.context_size
 
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """One batch from the store, its dropped positions counted.
+
+        Raises StopIteration when the dataset runs out (unless repeating is on)."""
+        repeat = self.cfg.on_dataset_exhausted == "repeat"
+        acts_ND, toks_N = self.activations_store.get_raw_llm_batch(
+            raise_on_epoch_end=not repeat
+        )
+        if toks_N is None:
+            raise ValueError("the activations store returned no token ids")
+        n_rows = toks_N.numel() // self.context_size
+        self._rows_used += n_rows
+        sliced_off = n_rows * (self.cfg.context_size - self.context_size)
+        if sliced_off:
+            self.ledger.dropped[accounting.OUTSIDE_SEQPOS_SLICE] += sliced_off
+        self.ledger.exclude(toks_N, self.exclude_ids)
+        return drop_tokens(acts_ND, toks_N, self.exclude_ids)
+
     def _buffer_rows(
         self, packer: RowPacker, index: int, progress: tqdm | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Buffer `index` as `(acts_RTD, toks_RT)`: pull batches until a buffer's
-        worth of kept tokens is packed, then permute tokens if asked to."""
+        worth of kept tokens is packed, then permute tokens if asked to.
+
+        When the dataset runs out, the buffer holds the full rows packed so far."""
         need = self.cfg.n_seq_in_buffer * self.context_size
         while packer.n_tokens < need:
-            acts_ND, toks_N = self.activations_store.get_raw_llm_batch()
-            if toks_N is None:
-                raise ValueError("the activations store returned no token ids")
+            try:
+                acts_ND, toks_N = self._next_batch()
+            except StopIteration:
+                self.exhausted = True
+                break
             before = packer.n_tokens
-            packer.add(*drop_tokens(acts_ND, toks_N, self.exclude_ids))
+            packer.add(acts_ND, toks_N)
             if progress is not None:
                 progress.update(min(packer.n_tokens, need) - min(before, need))
-        acts_RTD, toks_RT = packer.take_rows(self.cfg.n_seq_in_buffer)
+        n_rows = min(self.cfg.n_seq_in_buffer, packer.n_tokens // self.context_size)
+        if n_rows == 0:
+            raise StopIteration
+        acts_RTD, toks_RT = packer.take_rows(n_rows)
         if self.cfg.shuffle_across_sequences:
             generator = seeded_generator(self.cfg.seed, index, Stream.TOKEN_PERMUTATION)
             acts_RTD, toks_RT = permute_tokens(acts_RTD, toks_RT, generator)
@@ -148,6 +194,65 @@ class CacheActivationsRunner(_UpstreamRunner):
                 n_buckets=choose_n_buckets(self.cfg.n_buffers),
             )
         return OrderedSink(*args)
+
+    def _cache_buffers(self, sink: OrderedSink | BucketShuffleSink) -> WriterStats:
+        """The caching loop: model forwards here, writes on the writer thread."""
+        packer = RowPacker(self.context_size)
+        with (
+            BackgroundWriter(max_pending=1) as writer,
+            tqdm(
+                total=self.n_tokens_to_cache,
+                desc="Caching activations",
+                unit="tok",
+                unit_scale=True,
+                disable=self.quiet,
+            ) as progress,
+        ):
+            for index in range(self.cfg.n_buffers):
+                try:
+                    acts_RTD, toks_RT = self._buffer_rows(packer, index, progress)
+                except StopIteration:
+                    break
+                writer.submit(
+                    lambda i=index, a=acts_RTD, t=toks_RT: sink.write_buffer(i, a, t)
+                )
+                del acts_RTD, toks_RT
+                if self.exhausted:
+                    break
+        if packer.n_tokens:
+            self.ledger.dropped[accounting.LEFTOVER_AT_END] += packer.n_tokens
+        return writer.stats
+
+    def _on_exhausted(self) -> dict[str, Any]:
+        """Apply `on_dataset_exhausted` and describe what happened."""
+        cfg = self.cfg
+        unused_rows = self.ledger.sequences - self._rows_used
+        if unused_rows > 0 and self.exhausted:
+            self.ledger.dropped[accounting.UNUSED_AT_EXHAUSTION] += (
+                unused_rows * cfg.context_size
+            )
+        repeats = max(0, self.ledger.passes - 1)
+        if self.exhausted:
+            message = (
+                f"The dataset ran out after {self.ledger.documents_read} documents, "
+                f"before training_tokens={cfg.training_tokens} were cached."
+            )
+            if cfg.on_dataset_exhausted == "error":
+                raise ValueError(
+                    f"{message} Nothing was written. Use a larger dataset, lower "
+                    "training_tokens, or set on_dataset_exhausted='warn' (keep what "
+                    "was read) or 'repeat' (reuse documents)."
+                )
+            logger.warning(
+                "%s The cache holds what was read; see the manifest.", message
+            )
+        elif repeats:
+            logger.warning(
+                "The dataset was read %d times (on_dataset_exhausted='repeat'): the "
+                "cache repeats documents.",
+                repeats + 1,
+            )
+        return {"exhausted": self.exhausted, "repeats": repeats}
 
     @torch.no_grad()
     def run(self) -> Dataset:
@@ -167,27 +272,16 @@ class CacheActivationsRunner(_UpstreamRunner):
         with staging.staging_area(self.layout, cfg.data_fingerprint) as folder:
             marker = staging.read_marker(folder) or {}
             sink = self._make_sink(folder)
-            packer = RowPacker(self.context_size)
-            with (
-                BackgroundWriter(max_pending=1) as writer,
-                tqdm(
-                    total=self.n_tokens_to_cache,
-                    desc="Caching activations",
-                    unit="tok",
-                    unit_scale=True,
-                    disable=self.quiet,
-                ) as progress,
-            ):
-                for index in range(cfg.n_buffers):
-                    acts_RTD, toks_RT = self._buffer_rows(packer, index, progress)
-                    writer.submit(
-                        lambda i=index, a=acts_RTD, t=toks_RT: sink.write_buffer(
-                            i, a, t
-                        )
-                    )
-                    del acts_RTD, toks_RT
+            stats = self._cache_buffers(sink)
+            exhaustion = self._on_exhausted()
             cached = time.perf_counter()
             shards = sink.finish(quiet=self.quiet)
+            if not shards:
+                raise ValueError(
+                    "The dataset did not yield a single row of context_size="
+                    f"{cfg.context_size} tokens: use a larger dataset or a smaller "
+                    "context_size."
+                )
             manifest.write_dataset_metadata(folder, shards, self.features)
             manifest.finish_manifest(
                 folder,
@@ -195,13 +289,22 @@ class CacheActivationsRunner(_UpstreamRunner):
                 cfg.to_dict(),
                 shards=shards,
                 tokens=sum(s.rows for s in shards) * self.context_size,
+                row_length=self.context_size,
+                rows_are_sequences=not (
+                    cfg.shuffle_across_sequences or self.exclude_ids is not None
+                ),
+                run=manifest.run_facts(self.model, cfg),
+                dataset_exhaustion=exhaustion,
+                accounting=self.ledger.summary(),
                 excluded_token_ids=(
                     [] if self.exclude_ids is None else self.exclude_ids.tolist()
                 ),
                 writer={
-                    "stall_seconds": writer.stats.stall_seconds,
-                    "stalls": writer.stats.stalls,
-                    "max_queue_depth": writer.stats.max_queue_depth,
+                    "overflow_policy": "block the producer; never drop",
+                    "stall_seconds": stats.stall_seconds,
+                    "stalls": stats.stalls,
+                    "max_queue_depth": stats.max_queue_depth,
+                    "write_seconds": stats.write_seconds,
                 },
                 timings={
                     "caching_seconds": cached - started,

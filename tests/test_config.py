@@ -16,6 +16,7 @@ NEW_FIELDS = {
     "sequence_separator_token": "bos",
     "exclude_special_tokens": False,
     "shuffle_across_sequences": False,
+    "on_dataset_exhausted": "warn",
 }
 
 
@@ -87,6 +88,11 @@ def test_invalid_exclude_special_tokens_is_refused(make_cfg, bad):
 
 def test_exclude_special_tokens_tuple_becomes_a_list(make_cfg):
     assert make_cfg(exclude_special_tokens=(3, 1)).exclude_special_tokens == [3, 1]
+
+
+def test_unknown_exhaustion_policy_is_refused(make_cfg):
+    with pytest.raises(ValueError, match="on_dataset_exhausted"):
+        make_cfg(on_dataset_exhausted="loop")
 
 
 def test_bfloat16_is_refused_with_a_fix(make_cfg):

@@ -1,8 +1,10 @@
 """Tripwires on the parts of sae-lens we override or lean on.
 
-Our runner overrides `CacheActivationsRunner.__init__` and `.run`, calls the private
-`_mk_activations_store` and `_get_sliced_context_size`, and re-creates the store's
-private `_iterate_tokenized_sequences` iterator after setting two store attributes.
+Our runner overrides `CacheActivationsRunner.__init__` and `.run`; it and
+validate.py call the private `_mk_activations_store`, `_get_sliced_context_size` and
+`_get_input_token_device`; and the runner wraps the store's private
+`_iterate_raw_dataset_tokens` and `_iterate_tokenized_sequences` (for the drop
+accounting) after setting two store attributes.
 If sae-lens changes any of them, these tests fail: re-read the new upstream code,
 check that our override still matches its behaviour (tests/test_runner.py compares
 outputs), then record the new digests here.
@@ -16,7 +18,10 @@ import inspect
 import pytest
 import sae_lens
 import sae_lens.cache_activations_runner as upstream_runner
-from sae_lens.training.activations_store import ActivationsStore
+from sae_lens.training.activations_store import (
+    ActivationsStore,
+    _get_input_token_device,
+)
 
 # sha256 (first 16 hex digits) of the source of each, as of sae-lens 6.54.12.
 PINNED = {
@@ -40,6 +45,11 @@ PINNED = {
         ActivationsStore._iterate_tokenized_sequences,
         "a07f05522eb24179",
     ),
+    "ActivationsStore._iterate_raw_dataset_tokens": (
+        ActivationsStore._iterate_raw_dataset_tokens,
+        "fb14cda814f179b5",
+    ),
+    "_get_input_token_device": (_get_input_token_device, "af82756c49bf454d"),
     "ActivationsStore.get_raw_llm_batch": (
         ActivationsStore.get_raw_llm_batch,
         "c19a1e8c77422517",
