@@ -133,14 +133,27 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from sae_cache_ext import accounting
     from sae_cache_ext.verify import describe_cache, format_description
 
     description = describe_cache(args.path)
-    print(
-        json.dumps(description, indent=2, default=str)
-        if args.json
-        else format_description(description)
-    )
+    facts = (description.get("manifest") or {}).get("accounting")
+    rows = accounting.coverage_table(facts) if facts else []
+    if args.json:
+        print(json.dumps(description, indent=2, default=str))
+    else:
+        print(format_description(description))
+        print()
+        if rows:
+            print("Coverage (source vs kept, by document length in tokens):")
+            print(accounting.format_coverage(rows))
+        else:
+            print("Coverage: not recorded (no sae-cache-ext manifest with accounting).")
+    if args.plot:
+        if not rows:
+            raise CliError(f"{args.path} records no coverage to plot.")
+        accounting.plot_coverage(rows, args.plot)
+        print(f"Coverage plot written to {args.plot}")
     return 0
 
 
@@ -246,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="describe what a cache holds")
     info.add_argument("path")
     info.add_argument("--json", action="store_true", help="print JSON")
+    info.add_argument("--plot", metavar="FILE.png", help="draw the coverage table")
     info.set_defaults(func=cmd_info)
 
     verify = sub.add_parser(

@@ -146,3 +146,29 @@ def test_python_dash_m_runs_the_cli():
         timeout=120,
     )
     assert proc.returncode == 0 and "usage: sae-cache-ext" in proc.stdout
+
+
+def test_info_shows_coverage_and_plots_it(tmp_path, llama_dir, text_file, capsys):
+    cfg = _config(tmp_path, llama_dir, text_file, disable_concat_sequences=True)
+    assert main(["run", str(cfg), "-q"]) == 0
+    capsys.readouterr()
+    plot = tmp_path / "coverage.png"
+    assert main(["info", str(tmp_path / "cache"), "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out
+    assert "blocks.1.hook_resid_post" in out and "Coverage" in out
+    assert "WARNING: the kept fraction differs" in out  # short documents are dropped
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_verify_exits_non_zero_on_a_flipped_byte(
+    tmp_path, llama_dir, text_file, capsys
+):
+    cfg = _config(tmp_path, llama_dir, text_file, shuffle=False)
+    assert main(["run", str(cfg), "-q"]) == 0
+    assert main(["verify", str(tmp_path / "cache"), "--model", str(llama_dir)]) == 0
+    data = sorted((tmp_path / "cache").glob("data-*.arrow"))[0]
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    data.write_bytes(bytes(raw))
+    assert main(["verify", str(tmp_path / "cache")]) == 1
+    assert "sha256" in capsys.readouterr().out
