@@ -6,7 +6,9 @@ Arms (each run alone in its own process):
     upstream           sae-lens's runner, shuffle=True (its shuffle is an index
                        mapping on the returned object; nothing is persisted)
     ours               our runner, shuffle=True, shuffle_across_sequences=True
-                       (the shuffle is written to disk)
+                       (the shuffle is written to disk), and
+                       on_dataset_exhausted="repeat" (sae-lens's behaviour, so every
+                       arm caches the same tokens even past one pass of the corpus)
     upstream+persist   sae-lens's runner, then `dataset.save_to_disk` of its shuffled
                        dataset (timed too): what persisting its shuffle costs
     forward-only       the same batches from the ActivationsStore, nothing written;
@@ -59,6 +61,7 @@ MB = 1e6
 METRICS = (
     ("tokens_per_second", "tokens/s"),
     ("wall_seconds", "wall s"),
+    ("cpu_seconds", "CPU s"),
     ("peak_rss_above_model_mb", "peak RSS above model MB"),
     ("output_mb", "output MB"),
     ("disk_write_mb", "disk writes MB"),
@@ -276,10 +279,17 @@ def measure(folder: Path, interval: float) -> Iterator[dict[str, Any]]:
     record: dict[str, Any] = {"rss_before_run": _status_bytes("VmRSS")}
     record["peak_rss_reset"] = _reset_peak_rss()
     io_before = _io_counters()
+    cpu_before = os.times()
     with DiskSampler(folder, interval) as disk:
         start = time.perf_counter()
         yield record
         record["wall_seconds"] = time.perf_counter() - start
+    cpu_after = os.times()
+    # User + system time of every thread: far less disturbed than the wall time by
+    # other work on the machine.
+    record["cpu_seconds"] = (cpu_after.user - cpu_before.user) + (
+        cpu_after.system - cpu_before.system
+    )
     ru_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     record.update(
         ru_maxrss=ru_maxrss,
@@ -365,7 +375,9 @@ def _arm_ours(
     from sae_cache_ext.runner import CacheActivationsRunner
 
     cfg = CacheActivationsRunnerConfig(
-        **_config_kwargs(setup, run_dir / "out"), shuffle_across_sequences=True
+        **_config_kwargs(setup, run_dir / "out"),
+        shuffle_across_sequences=True,
+        on_dataset_exhausted="repeat",
     )
     _check_sizes(cfg, setup)
     runner = CacheActivationsRunner(
@@ -662,6 +674,7 @@ def run_benchmark(plan: BenchPlan) -> dict[str, Any]:
     runs, medians, ratios and target verdicts)."""
     started = time.perf_counter()
     load_before = os.getloadavg()
+    git = _git_state()  # the code the fork server is about to import
     with _workdir(plan.workdir) as workdir, ForkServer(workdir, plan.threads) as server:
         runs = _run_all(plan, server, workdir)
     report = build_report(runs, plan.arms)
@@ -672,12 +685,16 @@ def run_benchmark(plan: BenchPlan) -> dict[str, Any]:
         "threads": plan.threads,
         "disk_interval": plan.disk_interval,
     }
-    report["environment"] = _environment(load_before, time.perf_counter() - started)
+    report["environment"] = _environment(
+        load_before, time.perf_counter() - started, git
+    )
     return report
 
 
 def _environment(
-    load_before: tuple[float, float, float], seconds: float
+    load_before: tuple[float, float, float],
+    seconds: float,
+    git: dict[str, Any] | None,
 ) -> dict[str, Any]:
     from importlib import metadata
 
@@ -688,11 +705,32 @@ def _environment(
     return {
         "python": sys.version.split()[0],
         "versions": versions,
+        "git": git,
         "cpu_count": os.cpu_count(),
         "loadavg_before": list(load_before),
         "loadavg_after": list(os.getloadavg()),
         "total_seconds": seconds,
     }
+
+
+def _git_state() -> dict[str, Any] | None:
+    """The commit the package was run from, and its modified files (results from a
+    dirty tree name what was changed)."""
+
+    def git(*argv: str) -> str:
+        return subprocess.run(
+            ["git", "-C", str(_PACKAGE_ROOT), *argv],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+
+    try:
+        changed = git("status", "--porcelain", "--", "sae_cache_ext").splitlines()
+        return {"commit": git("rev-parse", "HEAD"), "modified": changed}
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 # -- the report -------------------------------------------------------------------------
@@ -775,6 +813,7 @@ def build_report(runs: list[dict[str, Any]], arms: list[str]) -> dict[str, Any]:
                 if arm in arms_of
             }
     report: dict[str, Any] = {
+        "warnings": _token_mismatches(runs),
         "runs": runs,
         "summary": summary,
         "ratios": ratios,
@@ -782,6 +821,21 @@ def build_report(runs: list[dict[str, Any]], arms: list[str]) -> dict[str, Any]:
     }
     report["targets"] = [_evaluate(target, report) for target in TARGETS]
     return report
+
+
+def _token_mismatches(runs: list[dict[str, Any]]) -> list[str]:
+    """One message per model whose arms did not all cache the same tokens (then
+    their times do not compare)."""
+    messages = []
+    for model in dict.fromkeys(r["model"] for r in runs):
+        counts = {r["arm"]: r["tokens"] for r in runs if r["model"] == model}
+        tokens_by_run = {r["tokens"] for r in runs if r["model"] == model}
+        if len(tokens_by_run) > 1:
+            messages.append(
+                f"{model}: the runs cached different numbers of tokens "
+                f"({counts}); their times do not compare."
+            )
+    return messages
 
 
 def _evaluate(target: Target, report: dict[str, Any]) -> dict[str, Any]:
@@ -824,7 +878,8 @@ def _model_section(model: str, report: dict[str, Any]) -> list[str]:
             arm,
             _cell(medians["tokens_per_second"], 0),
             _cell(medians["wall_seconds"], 2),
-            *(_cell(medians[key]) for key, _ in METRICS[2:]),
+            _cell(medians["cpu_seconds"], 2),
+            *(_cell(medians[key]) for key, _ in METRICS[3:]),
             _cell(efficiency.get(arm), 3),
         ]
         for arm, medians in summary.items()
@@ -839,14 +894,14 @@ def _model_section(model: str, report: dict[str, Any]) -> list[str]:
             "",
             *_table(["ratio (of medians)", *(t for _, t in METRICS)], ratio_rows),
         ]
-    out += ["", "per-run wall s (in run order):"]
+    out += ["", "per-run wall s / CPU s (in run order):"]
     for arm in summary:
-        walls = [
-            r["wall_seconds"]
+        times = [
+            f"{r['wall_seconds']:.2f}/{r['cpu_seconds']:.2f}"
             for r in report["runs"]
             if r["model"] == model and r["arm"] == arm
         ]
-        out.append(f"  {arm:<18} " + "  ".join(f"{w:.2f}" for w in walls))
+        out.append(f"  {arm:<18} " + "  ".join(times))
     return out
 
 
@@ -866,8 +921,12 @@ def format_report(report: dict[str, Any]) -> str:
             f"{_cell(env.get('loadavg_after', [None])[0], 2)} "
             f"on {env.get('cpu_count')} CPUs."
         )
+    if git := env.get("git"):
+        dirty = f", {len(git['modified'])} modified file(s)" if git["modified"] else ""
+        lines.append(f"Code: commit {git['commit'][:10]}{dirty}.")
     for model in report["summary"]:
         lines += ["", *_model_section(model, report)]
+    lines += [f"WARNING: {message}" for message in report.get("warnings", [])]
     lines += ["", "targets:"]
     width = max(len(t["label"]) for t in report["targets"])
     for t in report["targets"]:
@@ -970,6 +1029,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
     for setup in plan.setups:
         logger.info("bench %s: %s", setup.name, setup.describe())
     report = run_benchmark(plan)
+    for message in report["warnings"]:
+        logger.warning(message)
     print(format_report(report))
     if args.json:
         path = Path(args.json).expanduser()

@@ -8,6 +8,7 @@ Nothing here touches a disk or a model. Shape suffixes:
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from enum import IntEnum
 
 import einops
@@ -45,9 +46,11 @@ def drop_tokens(
 
 
 class RowPacker:
-    """Collects (activation, token) pairs and hands them out as full rows.
+    """Fills buffers of full rows from batches of (activation, token) pairs.
 
-    Tokens that do not fill a row stay for the next call: nothing is dropped.
+    Each buffer is allocated once and batches are copied into it as they arrive, so
+    a buffer costs its own size plus one batch, never a concatenated copy. Pairs
+    that do not fit are carried into the next buffer: nothing is dropped.
     """
 
     def __init__(self, context_size: int) -> None:
@@ -57,6 +60,7 @@ class RowPacker:
         self.n_tokens = 0
 
     def add(self, acts_ND: torch.Tensor, toks_N: torch.Tensor) -> None:
+        """Carry these pairs into the next buffer."""
         if acts_ND.shape[0] != toks_N.shape[0]:
             raise ValueError(
                 f"{acts_ND.shape[0]} activations but {toks_N.shape[0]} token ids: "
@@ -68,21 +72,69 @@ class RowPacker:
         self._toks.append(toks_N)
         self.n_tokens += toks_N.shape[0]
 
+    def fill(
+        self,
+        n_rows: int,
+        pull: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A buffer of up to `n_rows` rows as `(acts_RTD, toks_RT)`.
+
+        Takes the carried pairs first, then calls `pull()` for more batches. When
+        `pull` raises StopIteration the buffer is cut to the whole rows it holds
+        (possibly none); the rest stays carried.
+        """
+        need = n_rows * self.context_size
+        acts_ND: torch.Tensor | None = None
+        toks_N: torch.Tensor | None = None
+        filled = 0
+        while filled < need:
+            if not self._acts:
+                try:
+                    self.add(*pull())
+                except StopIteration:
+                    break
+                continue
+            chunk_acts, chunk_toks = self._acts.pop(0), self._toks.pop(0)
+            if acts_ND is None or toks_N is None:
+                acts_ND = chunk_acts.new_empty((need, chunk_acts.shape[1]))
+                toks_N = chunk_toks.new_empty((need,))
+            take = min(need - filled, chunk_toks.shape[0])
+            acts_ND[filled : filled + take] = chunk_acts[:take]
+            toks_N[filled : filled + take] = chunk_toks[:take]
+            filled += take
+            self.n_tokens -= take
+            if take < chunk_toks.shape[0]:
+                self._acts.insert(0, chunk_acts[take:])
+                self._toks.insert(0, chunk_toks[take:])
+        if acts_ND is None or toks_N is None:
+            raise StopIteration
+        whole = filled - filled % self.context_size
+        if whole < filled:  # a partial row at exhaustion: carry it back
+            self._acts.insert(0, acts_ND[whole:filled].clone())
+            self._toks.insert(0, toks_N[whole:filled].clone())
+            self.n_tokens += filled - whole
+        if whole == 0:
+            raise StopIteration
+        return rows_from_tokens(acts_ND[:whole], toks_N[:whole], self.context_size)
+
     def take_rows(self, n_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first `n_rows * context_size` pairs as `(acts_RTD, toks_RT)`."""
-        n_take = n_rows * self.context_size
-        if n_take > self.n_tokens:
+        """The first `n_rows * context_size` carried pairs, as rows."""
+        if n_rows * self.context_size > self.n_tokens:
             raise ValueError(
-                f"asked for {n_rows} rows ({n_take} tokens) but only "
-                f"{self.n_tokens} are packed"
+                f"asked for {n_rows} rows ({n_rows * self.context_size} tokens) but "
+                f"only {self.n_tokens} are packed"
             )
-        acts_ND = torch.cat(self._acts) if len(self._acts) > 1 else self._acts[0]
-        toks_N = torch.cat(self._toks) if len(self._toks) > 1 else self._toks[0]
-        rest = self.n_tokens - n_take
-        self._acts = [acts_ND[n_take:]] if rest else []
-        self._toks = [toks_N[n_take:]] if rest else []
-        self.n_tokens = rest
-        return rows_from_tokens(acts_ND[:n_take], toks_N[:n_take], self.context_size)
+
+        def nothing_more() -> tuple[torch.Tensor, torch.Tensor]:
+            raise StopIteration
+
+        return self.fill(n_rows, nothing_more)
+
+    def carried(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The carried pairs as one `(acts_ND, toks_N)`, or None."""
+        if not self._acts:
+            return None
+        return torch.cat(self._acts), torch.cat(self._toks)
 
 
 def rows_from_tokens(
@@ -104,6 +156,16 @@ def permute_tokens(
     acts_ND = einops.rearrange(acts_RTD, "r t d -> (r t) d")[perm_N]
     toks_N = einops.rearrange(toks_RT, "r t -> (r t)")[perm_N]
     return rows_from_tokens(acts_ND, toks_N, context_size)
+
+
+def token_order(
+    n_rows: int, context_size: int, generator: torch.Generator | None
+) -> torch.Tensor | None:
+    """The order in which a buffer's flat tokens are written: a seeded permutation
+    when tokens are shuffled across rows, or None for generation order."""
+    if generator is None:
+        return None
+    return torch.randperm(n_rows * context_size, generator=generator)
 
 
 def assign_buckets(

@@ -30,8 +30,8 @@ from sae_cache_ext.packing import (
     RowPacker,
     Stream,
     drop_tokens,
-    permute_tokens,
     seeded_generator,
+    token_order,
 )
 from sae_cache_ext.shuffle import BucketShuffleSink, OrderedSink, choose_n_buckets
 from sae_cache_ext.validate import validate_output_path, validate_run
@@ -137,8 +137,17 @@ class CacheActivationsRunner(_UpstreamRunner):
     # -- the caching loop -------------------------------------------------------------
 
     @property
+    def n_rows_to_cache(self) -> int:
+        """`training_tokens` rounded down to whole rows: never more."""
+        return self.cfg.training_tokens // self.context_size
+
+    @property
     def n_tokens_to_cache(self) -> int:
-        return self.cfg.n_buffers * self.cfg.n_seq_in_buffer * self.context_size
+        return self.n_rows_to_cache * self.context_size
+
+    def rows_in_buffer(self, index: int) -> int:
+        full = self.cfg.n_seq_in_buffer
+        return max(0, min(full, self.n_rows_to_cache - index * full))
 
     def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One batch from the store, its dropped positions counted.
@@ -160,30 +169,30 @@ class CacheActivationsRunner(_UpstreamRunner):
 
     def _buffer_rows(
         self, packer: RowPacker, index: int, progress: tqdm | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Buffer `index` as `(acts_RTD, toks_RT)`: pull batches until a buffer's
-        worth of kept tokens is packed, then permute tokens if asked to.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Buffer `index` as `(acts_RTD, toks_RT, order_N)`: rows in generation
+        order, and the seeded order to write its tokens in (None: as they are).
 
-        When the dataset runs out, the buffer holds the full rows packed so far."""
-        need = self.cfg.n_seq_in_buffer * self.context_size
-        while packer.n_tokens < need:
+        Raises StopIteration when the dataset is exhausted with no row left."""
+
+        def pull() -> tuple[torch.Tensor, torch.Tensor]:
             try:
                 acts_ND, toks_N = self._next_batch()
             except StopIteration:
                 self.exhausted = True
-                break
-            before = packer.n_tokens
-            packer.add(acts_ND, toks_N)
-            if progress is not None:
-                progress.update(min(packer.n_tokens, need) - min(before, need))
-        n_rows = min(self.cfg.n_seq_in_buffer, packer.n_tokens // self.context_size)
-        if n_rows == 0:
-            raise StopIteration
-        acts_RTD, toks_RT = packer.take_rows(n_rows)
-        if self.cfg.shuffle_across_sequences:
-            generator = seeded_generator(self.cfg.seed, index, Stream.TOKEN_PERMUTATION)
-            acts_RTD, toks_RT = permute_tokens(acts_RTD, toks_RT, generator)
-        return acts_RTD, toks_RT
+                raise
+            if progress is not None and progress.total is not None:
+                progress.update(min(toks_N.numel(), progress.total - progress.n))
+            return acts_ND, toks_N
+
+        acts_RTD, toks_RT = packer.fill(self.rows_in_buffer(index), pull)
+        generator = (
+            seeded_generator(self.cfg.seed, index, Stream.TOKEN_PERMUTATION)
+            if self.cfg.shuffle_across_sequences
+            else None
+        )
+        n_rows, context_size = toks_RT.shape
+        return acts_RTD, toks_RT, token_order(n_rows, context_size, generator)
 
     def _make_sink(self, folder: Path) -> OrderedSink | BucketShuffleSink:
         args = (folder, self.features, self.cfg.hook_name, self.cfg.dtype)
@@ -196,10 +205,11 @@ class CacheActivationsRunner(_UpstreamRunner):
         return OrderedSink(*args)
 
     def _cache_buffers(self, sink: OrderedSink | BucketShuffleSink) -> WriterStats:
-        """The caching loop: model forwards here, writes on the writer thread."""
+        """The caching loop: model forwards here, writes on the writer thread, at
+        most two buffers alive at once."""
         packer = RowPacker(self.context_size)
         with (
-            BackgroundWriter(max_pending=1) as writer,
+            BackgroundWriter(max_buffers=2) as writer,
             tqdm(
                 total=self.n_tokens_to_cache,
                 desc="Caching activations",
@@ -209,14 +219,20 @@ class CacheActivationsRunner(_UpstreamRunner):
             ) as progress,
         ):
             for index in range(self.cfg.n_buffers):
+                writer.reserve()
                 try:
-                    acts_RTD, toks_RT = self._buffer_rows(packer, index, progress)
+                    acts_RTD, toks_RT, order_N = self._buffer_rows(
+                        packer, index, progress
+                    )
                 except StopIteration:
+                    writer.release()
                     break
                 writer.submit(
-                    lambda i=index, a=acts_RTD, t=toks_RT: sink.write_buffer(i, a, t)
+                    lambda i=index, a=acts_RTD, t=toks_RT, o=order_N: sink.write_buffer(
+                        i, a, t, o
+                    )
                 )
-                del acts_RTD, toks_RT
+                del acts_RTD, toks_RT, order_N
                 if self.exhausted:
                     break
         if packer.n_tokens:

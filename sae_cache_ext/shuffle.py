@@ -29,11 +29,12 @@ from tqdm.auto import tqdm
 
 from sae_cache_ext.packing import Stream, assign_buckets, seeded_generator
 from sae_cache_ext.writer import (
+    ROWS_PER_RECORD_BATCH,
     ShardInfo,
+    gathered_tables,
     read_table,
     release_freed_memory,
-    rows_to_table,
-    write_table,
+    write_tables,
 )
 
 logger = logging.getLogger(__name__)
@@ -69,12 +70,17 @@ class OrderedSink:
         self._shards: dict[int, ShardInfo] = {}
 
     def write_buffer(
-        self, index: int, acts_RTD: torch.Tensor, toks_RT: torch.Tensor
+        self,
+        index: int,
+        acts_RTD: torch.Tensor,
+        toks_RT: torch.Tensor,
+        order_N: torch.Tensor | None = None,
     ) -> None:
-        table = rows_to_table(self.hook_name, acts_RTD, toks_RT, self.dtype)
+        """Write buffer `index` as one shard, its tokens in `order_N` if given."""
+        tables = gathered_tables(self.hook_name, acts_RTD, toks_RT, self.dtype, order_N)
         path = self.folder / f"buffer-{index:05d}.arrow"
-        self._shards[index] = write_table(path, table, self.features)
-        del table, acts_RTD, toks_RT
+        self._shards[index] = write_tables(path, tables, self.features)
+        del tables, acts_RTD, toks_RT
         release_freed_memory()
 
     def finish(self, quiet: bool = False) -> list[ShardInfo]:
@@ -127,22 +133,32 @@ class BucketShuffleSink:
         return self._streams[k][1]
 
     def write_buffer(
-        self, index: int, acts_RTD: torch.Tensor, toks_RT: torch.Tensor
+        self,
+        index: int,
+        acts_RTD: torch.Tensor,
+        toks_RT: torch.Tensor,
+        order_N: torch.Tensor | None = None,
     ) -> None:
+        """Scatter buffer `index`'s rows (tokens in `order_N` if given) into the
+        buckets, gathering one bucket's rows at a time."""
+        n_rows, context_size, _ = acts_RTD.shape
         generator = seeded_generator(self.seed, index, Stream.BUCKET_ASSIGNMENT)
-        buckets = assign_buckets(acts_RTD.shape[0], self.n_buckets, generator)
-        order_R = torch.cat(buckets)
-        table = rows_to_table(
-            self.hook_name, acts_RTD[order_R], toks_RT[order_R], self.dtype
-        ).cast(self.features.arrow_schema)
-        offset = 0
-        for k, rows in enumerate(buckets):
-            n = rows.numel()
-            if n:
-                for batch in table.slice(offset, n).to_batches():
-                    self._stream(k).write_batch(batch)
-            offset += n
-        del table, acts_RTD, toks_RT
+        positions_RT = (
+            torch.arange(n_rows * context_size) if order_N is None else order_N
+        ).view(n_rows, context_size)
+        for k, rows in enumerate(assign_buckets(n_rows, self.n_buckets, generator)):
+            if rows.numel():
+                tables = gathered_tables(
+                    self.hook_name,
+                    acts_RTD,
+                    toks_RT,
+                    self.dtype,
+                    positions_RT[rows].reshape(-1),
+                )
+                for table in tables:
+                    for batch in table.cast(self.features.arrow_schema).to_batches():
+                        self._stream(k).write_batch(batch)
+        del acts_RTD, toks_RT
         release_freed_memory()
 
     def _close_streams(self) -> None:
@@ -161,12 +177,18 @@ class BucketShuffleSink:
             bucket_path = self._bucket_path(k)
             table = read_table(bucket_path)
             generator = seeded_generator(self.seed, k, Stream.BUCKET_PERMUTATION)
-            perm = torch.randperm(table.num_rows, generator=generator)
-            shuffled = pc.take(table, pa.array(perm.numpy()), memory_pool=_POOL)
-            del table
+            perm = torch.randperm(table.num_rows, generator=generator).numpy()
             name = shard_name(position, len(filled))
-            shards.append(write_table(self.folder / name, shuffled, self.features))
-            del shuffled
+            chunks = (
+                pc.take(
+                    table,
+                    pa.array(perm[i : i + ROWS_PER_RECORD_BATCH]),
+                    memory_pool=_POOL,
+                )
+                for i in range(0, len(perm), ROWS_PER_RECORD_BATCH)
+            )
+            shards.append(write_tables(self.folder / name, chunks, self.features))
+            del table, chunks
             bucket_path.unlink()
             release_freed_memory()
         self._bucket_dir.rmdir()

@@ -19,7 +19,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,13 +85,19 @@ class ShardInfo:
     nbytes: int
 
 
-def write_table(path: Path, table: pa.Table, features: Features) -> ShardInfo:
-    """Write `table` as an Arrow stream at `path` (fsynced) and checksum it."""
+def write_tables(
+    path: Path, tables: Iterable[pa.Table], features: Features
+) -> ShardInfo:
+    """Write tables, one after another, as one Arrow stream at `path` (fsynced),
+    holding only one of them in memory at a time, and checksum the file."""
     schema = features.arrow_schema
-    table = table.cast(schema) if table.schema != schema else table
+    rows = 0
     with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as stream:
-        for batch in table.to_batches(max_chunksize=ROWS_PER_RECORD_BATCH):
-            stream.write_batch(batch)
+        for table in tables:
+            table = table.cast(schema) if table.schema != schema else table
+            for batch in table.to_batches(max_chunksize=ROWS_PER_RECORD_BATCH):
+                stream.write_batch(batch)
+            rows += table.num_rows
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -99,10 +105,43 @@ def write_table(path: Path, table: pa.Table, features: Features) -> ShardInfo:
         os.close(fd)
     return ShardInfo(
         filename=path.name,
-        rows=table.num_rows,
+        rows=rows,
         sha256=file_sha256(path),
         nbytes=path.stat().st_size,
     )
+
+
+def write_table(path: Path, table: pa.Table, features: Features) -> ShardInfo:
+    """Write `table` as an Arrow stream at `path` (fsynced) and checksum it."""
+    return write_tables(path, [table], features)
+
+
+def gathered_tables(
+    hook_name: str,
+    acts_RTD: torch.Tensor,
+    toks_RT: torch.Tensor,
+    dtype: str,
+    order_N: torch.Tensor | None,
+    rows_per_chunk: int = ROWS_PER_RECORD_BATCH,
+) -> Iterator[pa.Table]:
+    """The rows as tables of `rows_per_chunk` rows, with tokens taken in `order_N`
+    (flat token indices) when given: each chunk is gathered only when needed, so
+    reordering costs one chunk of memory, not a copy of the buffer."""
+    n_rows, context_size, d_in = acts_RTD.shape
+    if order_N is None:
+        yield rows_to_table(hook_name, acts_RTD, toks_RT, dtype)
+        return
+    acts_ND = acts_RTD.reshape(-1, d_in)
+    toks_N = toks_RT.reshape(-1)
+    for start in range(0, n_rows, rows_per_chunk):
+        index = order_N[start * context_size : (start + rows_per_chunk) * context_size]
+        rows = index.numel() // context_size
+        yield rows_to_table(
+            hook_name,
+            acts_ND[index].view(rows, context_size, d_in),
+            toks_N[index].view(rows, context_size),
+            dtype,
+        )
 
 
 def release_freed_memory() -> None:
@@ -165,17 +204,21 @@ class WriterStats:
 
 
 class BackgroundWriter:
-    """Runs write jobs in order on one background thread, fed by a bounded queue.
+    """Runs write jobs in order on one background thread.
 
-    `submit` blocks while `max_pending` jobs wait (the producer is throttled, nothing
-    is dropped). The first error in a job is raised again in the producer, at the
-    next `submit` or at `close`.
+    Memory is bounded by buffer slots: the producer calls `reserve()` before it
+    builds a buffer and every job frees its slot when done, so at most
+    `max_buffers` buffers exist at once (one being filled, one being written). When
+    the writer falls behind, `reserve()` blocks the producer (counted as a stall);
+    nothing is ever dropped. The first job error is raised again in the producer, at
+    the next `reserve`/`submit` or at `close`.
     """
 
-    def __init__(self, max_pending: int = 2) -> None:
-        if max_pending < 1:
-            raise ValueError(f"max_pending must be at least 1, got {max_pending}.")
-        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue(max_pending)
+    def __init__(self, max_buffers: int = 2) -> None:
+        if max_buffers < 1:
+            raise ValueError(f"max_buffers must be at least 1, got {max_buffers}.")
+        self._slots = threading.Semaphore(max_buffers)
+        self._queue: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._error: BaseException | None = None
         self.stats = WriterStats()
         self._thread = threading.Thread(
@@ -192,23 +235,33 @@ class BackgroundWriter:
                 except BaseException as error:  # handed to the producer thread
                     self._error = error
                 self.stats.write_seconds += time.perf_counter() - start
-            self._queue.task_done()
-        self._queue.task_done()
+            self._slots.release()
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise self._error
 
+    def reserve(self) -> None:
+        """Wait for a free buffer slot (a stall if the writer is behind)."""
+        self._raise_if_failed()
+        if self._slots.acquire(blocking=False):
+            return
+        self.stats.stalls += 1
+        start = time.perf_counter()
+        while not self._slots.acquire(timeout=0.1):
+            self._raise_if_failed()
+        self.stats.stall_seconds += time.perf_counter() - start
+        self._raise_if_failed()
+
+    def release(self) -> None:
+        """Give back a reserved slot that will not be submitted."""
+        self._slots.release()
+
     def submit(self, job: Callable[[], None]) -> None:
+        """Queue a job for a reserved slot; the slot is freed when it finishes."""
         self._raise_if_failed()
         self.stats.jobs += 1
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            self.stats.stalls += 1
-            start = time.perf_counter()
-            self._queue.put(job)
-            self.stats.stall_seconds += time.perf_counter() - start
+        self._queue.put(job)
         self.stats.max_queue_depth = max(
             self.stats.max_queue_depth, self._queue.qsize()
         )

@@ -104,8 +104,12 @@ def test_seqpos_slice_drops_are_counted(make_cfg, tiny_model, corpus):
     run_ours(cfg, tiny_model, corpus)
     facts = read_manifest(Path(cfg.new_cached_activations_path))["accounting"]
     rows = read_manifest(Path(cfg.new_cached_activations_path))["rows"]
-    # every row loses its first 2 positions
-    assert facts["tokens_dropped"]["outside_seqpos_slice"] == 2 * rows
+    pulled = facts["rows_from_store"]
+    # every row the store yields loses its first 2 positions
+    assert facts["tokens_dropped"]["outside_seqpos_slice"] == 2 * pulled
+    # rows computed beyond training_tokens (the last batch) are counted too
+    assert facts["tokens_dropped"].get("leftover_at_end", 0) == (pulled - rows) * 14
+    assert rows == cfg.training_tokens // 14
 
 
 def test_an_exhausted_dataset_is_finished_with_what_was_read_and_recorded(

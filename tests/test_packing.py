@@ -12,9 +12,9 @@ from sae_cache_ext.packing import (
     Stream,
     assign_buckets,
     drop_tokens,
-    permute_tokens,
     rows_from_tokens,
     seeded_generator,
+    token_order,
 )
 
 
@@ -78,16 +78,32 @@ def test_seeded_generator_depends_only_on_seed_index_and_stream():
     assert not torch.equal(same, draw(1, 2, Stream.BUCKET_ASSIGNMENT))
 
 
-def test_permute_tokens_moves_each_activation_with_its_token():
-    toks_RT = torch.arange(12).reshape(3, 4)
-    acts_RTD = toks_RT.float().unsqueeze(-1).repeat(1, 1, 2)  # act = token id
-    acts, toks = permute_tokens(acts_RTD, toks_RT, seeded_generator(0, 0, Stream(0)))
-    assert toks.shape == (3, 4) and acts.shape == (3, 4, 2)
-    assert sorted(toks.flatten().tolist()) == list(range(12))
-    assert not torch.equal(toks, toks_RT)
-    assert torch.equal(acts[..., 0], toks.float()) and torch.equal(
-        acts[..., 1], toks.float()
-    )
+def test_token_order_is_a_seeded_permutation_or_none():
+    assert token_order(3, 4, None) is None
+    order = token_order(3, 4, seeded_generator(0, 0, Stream.TOKEN_PERMUTATION))
+    assert order is not None and sorted(order.tolist()) == list(range(12))
+    again = token_order(3, 4, seeded_generator(0, 0, Stream.TOKEN_PERMUTATION))
+    assert torch.equal(order, again)
+
+
+def test_row_packer_fill_pulls_batches_into_one_buffer_and_carries_the_rest():
+    batches = [
+        (torch.arange(a, a + 5).float().unsqueeze(1), torch.arange(a, a + 5))
+        for a in (0, 5, 10)
+    ]
+    pulls = iter(batches)
+    packer = RowPacker(context_size=4)
+    # 2 rows = 8 tokens: the first batch and 3 of the second; 2 carried
+    acts_RTD, toks_RT = packer.fill(2, lambda: next(pulls))
+    assert toks_RT.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert torch.equal(acts_RTD[..., 0], toks_RT.float())
+    assert packer.n_tokens == 2
+    # the dataset then runs out after one more batch: 2 + 5 = 7 tokens, 1 whole row
+    acts_RTD, toks_RT = packer.fill(5, lambda: next(pulls))
+    assert toks_RT.tolist() == [[8, 9, 10, 11]]
+    assert packer.n_tokens == 3  # the partial row stays carried
+    with pytest.raises(StopIteration):
+        packer.fill(1, lambda: next(pulls))
 
 
 def test_assign_buckets_partitions_rows():

@@ -26,8 +26,10 @@ def test_runner_subclasses_upstream():
     "overrides",
     [
         {},
-        {"dtype": "float16"},
-        {"seqpos_slice": (2, -3)},
+        # 2 bytes per value: the same buffer size in GB holds twice the rows
+        {"dtype": "float16", "buffer_size_gb": (2 * 4 * 16 * 32 * 2 + 0.5) / 1e9},
+        # 11 positions a row, 8 rows a buffer: 5 whole buffers
+        {"seqpos_slice": (2, -3), "training_tokens": 5 * 8 * 11},
         {"hook_name": "blocks.1.hook_mlp_out", "model_batch_size": 3},
         {"prepend_bos": False, "context_size": 24},
     ],
@@ -320,7 +322,8 @@ def test_a_buffers_token_permutation_does_not_depend_on_earlier_buffers(
             cfg, override_dataset=corpus, override_model=tiny_model
         )
         packer = RowPacker(runner.context_size)
-        firsts.append(runner._buffer_rows(packer, 0)[1])
+        _, toks_RT, order_N = runner._buffer_rows(packer, 0)
+        firsts.append(toks_RT.reshape(-1)[order_N])
     assert torch.equal(firsts[0], firsts[1])
 
 

@@ -160,7 +160,7 @@ def test_a_failing_run_leaves_nothing_behind(make_cfg, tiny_model, corpus, monke
     from sae_cache_ext import shuffle
 
     cfg = make_cfg(shuffle=True)
-    monkeypatch.setattr(shuffle, "write_table", FailOn(shuffle.write_table, 2))
+    monkeypatch.setattr(shuffle, "write_tables", FailOn(shuffle.write_tables, 2))
     with pytest.raises(OSError, match="injected"):
         run_ours(cfg, tiny_model, corpus)
     layout = Layout.for_output(cfg.new_cached_activations_path)
@@ -171,7 +171,7 @@ def test_a_writer_error_reaches_the_caller(make_cfg, tiny_model, corpus, monkeyp
     from sae_cache_ext import shuffle
 
     cfg = make_cfg()
-    monkeypatch.setattr(shuffle, "write_table", FailOn(shuffle.write_table, 1))
+    monkeypatch.setattr(shuffle, "write_tables", FailOn(shuffle.write_tables, 1))
     with pytest.raises(OSError, match="injected"):
         run_ours(cfg, tiny_model, corpus)
     assert not Layout.for_output(cfg.new_cached_activations_path).staging.exists()
