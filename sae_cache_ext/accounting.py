@@ -121,6 +121,26 @@ class Ledger:
                 self.excluded_by_id[int(token_id)] += int(count)
             self.dropped[EXCLUDED_SPECIAL] += int(removed.numel())
 
+    def batch_counts(self) -> dict[str, Any]:
+        """The counts kept per batch (not per document), for a checkpoint."""
+        return {
+            "dropped": {
+                reason: self.dropped[reason]
+                for reason in (EXCLUDED_SPECIAL, OUTSIDE_SEQPOS_SLICE)
+                if reason in self.dropped
+            },
+            "excluded_by_id": {str(k): v for k, v in self.excluded_by_id.items()},
+        }
+
+    def restore_batch_counts(self, counts: dict[str, Any]) -> None:
+        """Restore `batch_counts()`; document counts come back by re-reading."""
+        for reason in (EXCLUDED_SPECIAL, OUTSIDE_SEQPOS_SLICE):
+            self.dropped.pop(reason, None)
+        self.dropped.update(counts["dropped"])
+        self.excluded_by_id = Counter(
+            {int(k): v for k, v in counts["excluded_by_id"].items()}
+        )
+
     def summary(self) -> dict[str, Any]:
         """JSON-ready counts for the manifest. The histograms cover the settled
         documents; the last one read may still have been in use by the store."""

@@ -20,7 +20,14 @@ _SEPARATOR_NAMES = ("bos", "eos", "sep")
 _STORABLE_DTYPES = ("float32", "float16", "float64")
 # Fields that change where or whether a cache is uploaded, not what it holds.
 _NON_DATA_FIELDS = frozenset(
-    {"hf_repo_id", "hf_num_shards", "hf_revision", "hf_is_private_repo", "device"}
+    {
+        "hf_repo_id",
+        "hf_num_shards",
+        "hf_revision",
+        "hf_is_private_repo",
+        "device",
+        "resume",
+    }
 )
 
 
@@ -53,6 +60,11 @@ class CacheActivationsRunnerConfig(_UpstreamConfig):
     """When the dataset runs out before `training_tokens`: `"warn"` finishes the cache
     with what was read and records it in the manifest, `"error"` fails (nothing is
     written), `"repeat"` starts the dataset again as sae-lens does (recorded)."""
+
+    resume: bool = False
+    """Continue an interrupted run at the same output path from its last completed
+    buffer (or shuffled shard) instead of starting over. The result is identical to
+    an uninterrupted run's. A failed run with `resume=True` keeps its staging folder."""
 
     def __post_init__(self) -> None:
         # Cheap checks on our own fields first, so a bad value fails before the

@@ -24,7 +24,7 @@ from sae_lens.util import get_special_token_ids
 from tqdm.auto import tqdm
 from transformer_lens.hook_points import HookedRootModule
 
-from sae_cache_ext import accounting, hub, manifest, staging
+from sae_cache_ext import accounting, checkpoints, hub, manifest, staging
 from sae_cache_ext.config import CacheActivationsRunnerConfig
 from sae_cache_ext.packing import (
     RowPacker,
@@ -33,7 +33,12 @@ from sae_cache_ext.packing import (
     seeded_generator,
     token_order,
 )
-from sae_cache_ext.shuffle import BucketShuffleSink, OrderedSink, choose_n_buckets
+from sae_cache_ext.shuffle import (
+    BucketShuffleSink,
+    OrderedSink,
+    Sink,
+    choose_n_buckets,
+)
 from sae_cache_ext.validate import validate_output_path, validate_run
 from sae_cache_ext.writer import BackgroundWriter, WriterStats, cache_features
 
@@ -204,21 +209,27 @@ class CacheActivationsRunner(_UpstreamRunner):
             )
         return OrderedSink(*args)
 
-    def _cache_buffers(self, sink: OrderedSink | BucketShuffleSink) -> WriterStats:
-        """The caching loop: model forwards here, writes on the writer thread, at
-        most two buffers alive at once."""
-        packer = RowPacker(self.context_size)
+    def _cache_buffers(
+        self, sink: Sink, packer: RowPacker, folder: Path, first: int = 0
+    ) -> WriterStats:
+        """The caching loop from buffer `first`: model forwards here, writes (and a
+        checkpoint after each buffer) on the writer thread, at most two buffers
+        alive at once."""
         with (
             BackgroundWriter(max_buffers=2) as writer,
             tqdm(
                 total=self.n_tokens_to_cache,
+                initial=min(first * self.cfg.n_seq_in_buffer, self.n_rows_to_cache)
+                * self.context_size,
                 desc="Caching activations",
                 unit="tok",
                 unit_scale=True,
                 disable=self.quiet,
             ) as progress,
         ):
-            for index in range(self.cfg.n_buffers):
+            for index in range(first, self.cfg.n_buffers):
+                if self.exhausted:
+                    break
                 writer.reserve()
                 try:
                     acts_RTD, toks_RT, order_N = self._buffer_rows(
@@ -227,17 +238,55 @@ class CacheActivationsRunner(_UpstreamRunner):
                 except StopIteration:
                     writer.release()
                     break
-                writer.submit(
-                    lambda i=index, a=acts_RTD, t=toks_RT, o=order_N: sink.write_buffer(
-                        i, a, t, o
-                    )
-                )
-                del acts_RTD, toks_RT, order_N
-                if self.exhausted:
-                    break
+                progress_now = self._progress_snapshot(index + 1, packer)
+
+                def job(i=index, a=acts_RTD, t=toks_RT, o=order_N, p=progress_now):
+                    sink.write_buffer(i, a, t, o)
+                    checkpoints.save(folder, {**p, "sink": sink.state()})
+
+                writer.submit(job)
+                del acts_RTD, toks_RT, order_N, job
         if packer.n_tokens:
             self.ledger.dropped[accounting.LEFTOVER_AT_END] += packer.n_tokens
         return writer.stats
+
+    def _progress_snapshot(
+        self, buffers_done: int, packer: RowPacker
+    ) -> dict[str, Any]:
+        """What a resumed run needs, as of the buffer just built (taken on the
+        producer thread, saved by the writer once that buffer is on disk)."""
+        return {
+            "phase": "caching",
+            "buffers_done": buffers_done,
+            "rows_used": self._rows_used,
+            "exhausted": self.exhausted,
+            "counts": self.ledger.batch_counts(),
+            "carry": packer.carried(),
+        }
+
+    def _resume_caching(
+        self, checkpoint: dict[str, Any], sink: Sink, packer: RowPacker
+    ) -> int:
+        """Put the run back where the checkpoint left it; the next buffer's index."""
+        sink.restore(checkpoint["sink"])
+        self._skip_rows(checkpoint["rows_used"])
+        self.ledger.restore_batch_counts(checkpoint["counts"])
+        self._rows_used = checkpoint["rows_used"]
+        self.exhausted = checkpoint["exhausted"]
+        if checkpoint["carry"] is not None:
+            packer.add(*checkpoint["carry"])
+        logger.info("Resuming at buffer %d", checkpoint["buffers_done"])
+        return checkpoint["buffers_done"]
+
+    def _skip_rows(self, n_rows: int) -> None:
+        """Advance the store past rows already cached, without running the model."""
+        store = self.activations_store
+        for _ in tqdm(range(n_rows), desc="Skipping cached rows", disable=self.quiet):
+            try:
+                next(store.iterable_sequences)
+            except StopIteration:  # a dataset read more than once ('repeat')
+                store.iterable_sequences = store._iterate_tokenized_sequences()
+                next(store.iterable_sequences)
 
     def _on_exhausted(self) -> dict[str, Any]:
         """Apply `on_dataset_exhausted` and describe what happened."""
@@ -273,10 +322,13 @@ class CacheActivationsRunner(_UpstreamRunner):
     @torch.no_grad()
     def run(self) -> Dataset:
         cfg = self.cfg
-        swap_finished = staging.recover(self.layout)
+        fingerprint = cfg.data_fingerprint
+        swap_finished, resumable = staging.recover(
+            self.layout, resume_fingerprint=fingerprint if cfg.resume else None
+        )
         if swap_finished and staging.is_our_finished_cache(self.layout.final):
             done = manifest.read_manifest(self.layout.final)
-            if done.get("fingerprint") == cfg.data_fingerprint:
+            if done.get("fingerprint") == fingerprint:
                 logger.warning(
                     "%s already holds this config's finished cache; returning it.",
                     self.layout.final,
@@ -284,52 +336,86 @@ class CacheActivationsRunner(_UpstreamRunner):
                 return self._publish(Dataset.load_from_disk(str(self.layout.final)))
         staging.check_output_free(self.layout)
 
+        with staging.staging_area(
+            self.layout, fingerprint, reuse=resumable, keep_on_error=cfg.resume
+        ) as folder:
+            if not staging.is_our_finished_cache(folder):
+                self._build(folder, checkpoints.load(folder) if resumable else None)
+            staging.swap_into_place(self.layout)
+        logger.info("Cached activations at %s", self.layout.final)
+        return self._publish(Dataset.load_from_disk(str(self.layout.final)))
+
+    def _build(self, folder: Path, checkpoint: dict[str, Any] | None) -> None:
+        """Cache, shuffle and describe the dataset in the staging `folder`,
+        continuing from `checkpoint` if given."""
+        cfg = self.cfg
         started = time.perf_counter()
-        with staging.staging_area(self.layout, cfg.data_fingerprint) as folder:
-            marker = staging.read_marker(folder) or {}
-            sink = self._make_sink(folder)
-            stats = self._cache_buffers(sink)
-            exhaustion = self._on_exhausted()
-            cached = time.perf_counter()
-            shards = sink.finish(quiet=self.quiet)
-            if not shards:
-                raise ValueError(
-                    "The dataset did not yield a single row of context_size="
-                    f"{cfg.context_size} tokens: use a larger dataset or a smaller "
-                    "context_size."
-                )
-            manifest.write_dataset_metadata(folder, shards, self.features)
-            manifest.finish_manifest(
-                folder,
-                marker,
-                cfg.to_dict(),
-                shards=shards,
-                tokens=sum(s.rows for s in shards) * self.context_size,
-                row_length=self.context_size,
-                rows_are_sequences=not (
-                    cfg.shuffle_across_sequences or self.exclude_ids is not None
-                ),
-                run=manifest.run_facts(self.model, cfg),
-                dataset_exhaustion=exhaustion,
-                accounting=self.ledger.summary(),
-                excluded_token_ids=(
-                    [] if self.exclude_ids is None else self.exclude_ids.tolist()
-                ),
-                writer={
+        marker = staging.read_marker(folder) or {}
+        sink = self._make_sink(folder)
+        if checkpoint is None:
+            # a run killed before its first checkpoint may have left files
+            sink.restore(sink.state())
+        if checkpoint is not None and checkpoint["phase"] == "gather":
+            if not isinstance(sink, BucketShuffleSink):
+                raise ValueError(f"{folder} holds a shuffle, but shuffle=False now.")
+            sink.resume_gather(checkpoint["sink"])
+            facts = {**checkpoint["facts"], "resumed": True}
+        else:
+            packer = RowPacker(self.context_size)
+            first = 0
+            if checkpoint is not None:
+                first = self._resume_caching(checkpoint, sink, packer)
+            stats = self._cache_buffers(sink, packer, folder, first)
+            facts = {
+                "dataset_exhaustion": self._on_exhausted(),
+                "accounting": self.ledger.summary(),
+                "writer": {
                     "overflow_policy": "block the producer; never drop",
                     "stall_seconds": stats.stall_seconds,
                     "stalls": stats.stalls,
                     "max_queue_depth": stats.max_queue_depth,
                     "write_seconds": stats.write_seconds,
                 },
-                timings={
-                    "caching_seconds": cached - started,
-                    "finishing_seconds": time.perf_counter() - cached,
-                },
+                "caching_seconds": time.perf_counter() - started,
+                "resumed": checkpoint is not None,
+            }
+        cached = time.perf_counter()
+        shards = sink.finish(
+            quiet=self.quiet,
+            checkpoint=lambda state: checkpoints.save(
+                folder, {"phase": "gather", "sink": state, "facts": facts}
+            ),
+        )
+        if not shards:
+            raise ValueError(
+                "The dataset did not yield a single row of context_size="
+                f"{cfg.context_size} tokens: use a larger dataset or a smaller "
+                "context_size."
             )
-            staging.swap_into_place(self.layout)
-        logger.info("Cached activations at %s", self.layout.final)
-        return self._publish(Dataset.load_from_disk(str(self.layout.final)))
+        manifest.write_dataset_metadata(folder, shards, self.features)
+        facts = dict(facts)
+        caching_seconds = facts.pop("caching_seconds")
+        manifest.finish_manifest(
+            folder,
+            marker,
+            cfg.to_dict(),
+            shards=shards,
+            tokens=sum(s.rows for s in shards) * self.context_size,
+            row_length=self.context_size,
+            rows_are_sequences=not (
+                cfg.shuffle_across_sequences or self.exclude_ids is not None
+            ),
+            run=manifest.run_facts(self.model, cfg),
+            excluded_token_ids=(
+                [] if self.exclude_ids is None else self.exclude_ids.tolist()
+            ),
+            timings={
+                "caching_seconds": caching_seconds,
+                "finishing_seconds": time.perf_counter() - cached,
+            },
+            **facts,
+        )
+        checkpoints.remove(folder)
 
     def _publish(self, dataset: Dataset) -> Dataset:
         if self.cfg.hf_repo_id:

@@ -19,7 +19,10 @@ from __future__ import annotations
 import logging
 import os
 import resource
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -41,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 # Arrow allocations go through glibc, so `release_freed_memory` can return them.
 _POOL = pa.system_memory_pool()
+# Called with a sink's state after each step, to record it for a resumed run.
+Checkpoint = Callable[[dict[str, Any]], None]
 MIN_BUCKETS = 4
 MAX_BUCKETS = 1024
 
@@ -83,21 +88,40 @@ class OrderedSink:
         del tables, acts_RTD, toks_RT
         release_freed_memory()
 
-    def finish(self, quiet: bool = False) -> list[ShardInfo]:
+    def state(self) -> dict[str, Any]:
+        """What a resumed run needs to know of the buffers written so far."""
+        return {"shards": {str(i): asdict(info) for i, info in self._shards.items()}}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Take back the written buffers; drop files of buffers written later."""
+        self._shards = {int(i): ShardInfo(**v) for i, v in state["shards"].items()}
+        known = {info.filename for info in self._shards.values()}
+        for path in self.folder.glob("buffer-*.arrow"):
+            if path.name not in known:
+                path.unlink()
+
+    def finish(
+        self, quiet: bool = False, checkpoint: Checkpoint | None = None
+    ) -> list[ShardInfo]:
         """Rename the buffers' files to the final shard names, in buffer order."""
         total = len(self._shards)
         shards = []
         for position, index in enumerate(sorted(self._shards)):
             info = self._shards[index]
             name = shard_name(position, total)
-            os.replace(self.folder / info.filename, self.folder / name)
-            info.filename = name
-            shards.append(info)
+            if (self.folder / info.filename).exists():
+                os.replace(self.folder / info.filename, self.folder / name)
+            shards.append(ShardInfo(**{**asdict(info), "filename": name}))
         return shards
 
 
 class BucketShuffleSink:
-    """Scatters buffers into bucket files, then gathers each into a permuted shard."""
+    """Scatters buffers into bucket files, then gathers each into a permuted shard.
+
+    Each run (a first run, then each resume) appends to its own part file per
+    bucket, so a resumed run only has to cut the previous parts back to their size
+    at the last checkpoint.
+    """
 
     def __init__(
         self,
@@ -115,21 +139,23 @@ class BucketShuffleSink:
         self.seed = seed
         self.n_buckets = n_buckets
         self._bucket_dir = folder / "buckets"
-        self._bucket_dir.mkdir()
+        self._bucket_dir.mkdir(exist_ok=True)
+        self._session = 0
+        self._parts: dict[int, list[str]] = {}  # bucket -> part files, in order
         self._streams: dict[
             int, tuple[pa.NativeFile, pa.ipc.RecordBatchStreamWriter]
         ] = {}
-
-    def _bucket_path(self, k: int) -> Path:
-        return self._bucket_dir / f"bucket-{k:05d}.arrow"
+        self._gather: dict[str, Any] | None = None
 
     def _stream(self, k: int) -> pa.ipc.RecordBatchStreamWriter:
         if k not in self._streams:
-            sink = pa.OSFile(str(self._bucket_path(k)), "wb")
+            name = f"bucket-{k:05d}.part{self._session:03d}.arrow"
+            sink = pa.OSFile(str(self._bucket_dir / name), "wb")
             self._streams[k] = (
                 sink,
                 pa.ipc.new_stream(sink, self.features.arrow_schema),
             )
+            self._parts.setdefault(k, []).append(name)
         return self._streams[k][1]
 
     def write_buffer(
@@ -161,24 +187,75 @@ class BucketShuffleSink:
         del acts_RTD, toks_RT
         release_freed_memory()
 
+    def state(self) -> dict[str, Any]:
+        """The part files and their sizes now (every write so far is in them)."""
+        sizes = {
+            self._parts[k][-1]: sink.tell() for k, (sink, _) in self._streams.items()
+        }
+        return {
+            "session": self._session,
+            "parts": {
+                str(k): [
+                    [name, sizes.get(name, (self._bucket_dir / name).stat().st_size)]
+                    for name in names
+                ]
+                for k, names in self._parts.items()
+            },
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Cut every part back to its size at the checkpoint, drop later files, and
+        write further buffers to new parts."""
+        self._session = int(state["session"]) + 1
+        self._parts = {}
+        keep = set()
+        for k, parts in state["parts"].items():
+            for name, size in parts:
+                os.truncate(self._bucket_dir / name, size)
+                self._parts.setdefault(int(k), []).append(name)
+                keep.add(name)
+        for path in self._bucket_dir.iterdir():
+            if path.name not in keep:
+                path.unlink()
+
+    def resume_gather(self, state: dict[str, Any]) -> None:
+        """Continue a gather that a crash interrupted."""
+        self.restore(state)
+        self._gather = state["gather"]
+
     def _close_streams(self) -> None:
         for sink, stream in self._streams.values():
             stream.close()
             sink.close()
+        self._streams = {}
 
-    def finish(self, quiet: bool = False) -> list[ShardInfo]:
-        """Gather every bucket into one permuted shard, deleting buckets as it goes."""
+    def _read_bucket(self, k: int) -> pa.Table:
+        return pa.concat_tables(
+            read_table(self._bucket_dir / n) for n in self._parts[k]
+        )
+
+    def finish(
+        self, quiet: bool = False, checkpoint: Checkpoint | None = None
+    ) -> list[ShardInfo]:
+        """Gather every bucket into one permuted shard, deleting buckets as it goes.
+
+        After each shard, `checkpoint(state)` records progress for a resumed run."""
         self._close_streams()
-        filled = sorted(self._streams)
-        shards = []
-        for position, k in enumerate(
-            tqdm(filled, desc="Shuffling shards", unit="shard", disable=quiet)
+        gather = self._gather or {"buckets": sorted(self._parts), "done": []}
+        filled: list[int] = gather["buckets"]
+        shards = [ShardInfo(**info) for info in gather["done"]]
+        for position in tqdm(
+            range(len(shards), len(filled)),
+            desc="Shuffling shards",
+            unit="shard",
+            disable=quiet,
+            total=len(filled),
+            initial=len(shards),
         ):
-            bucket_path = self._bucket_path(k)
-            table = read_table(bucket_path)
+            k = filled[position]
+            table = self._read_bucket(k)
             generator = seeded_generator(self.seed, k, Stream.BUCKET_PERMUTATION)
             perm = torch.randperm(table.num_rows, generator=generator).numpy()
-            name = shard_name(position, len(filled))
             chunks = (
                 pc.take(
                     table,
@@ -187,12 +264,23 @@ class BucketShuffleSink:
                 )
                 for i in range(0, len(perm), ROWS_PER_RECORD_BATCH)
             )
+            name = shard_name(position, len(filled))
             shards.append(write_tables(self.folder / name, chunks, self.features))
             del table, chunks
-            bucket_path.unlink()
+            # forget the bucket before recording progress: a resumed run must never
+            # read a bucket that was being deleted
+            gathered = self._parts.pop(k)
+            if checkpoint is not None:
+                gather = {**gather, "done": [asdict(s) for s in shards]}
+                checkpoint({**self.state(), "gather": gather})
+            for part in gathered:
+                (self._bucket_dir / part).unlink()
             release_freed_memory()
         self._bucket_dir.rmdir()
         return shards
 
     def abort(self) -> None:
         self._close_streams()
+
+
+Sink = OrderedSink | BucketShuffleSink

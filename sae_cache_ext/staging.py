@@ -104,13 +104,16 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def recover(layout: Layout) -> bool:
+def recover(layout: Layout, resume_fingerprint: str | None = None) -> tuple[bool, bool]:
     """Clean up what a crashed run at this output path left behind.
 
     Removes only folders that carry our marker for this output path (or are empty);
     raises `FileExistsError` for anything else standing at our private names, and
-    `RuntimeError` when another live process is writing there. Returns True when a
-    crashed swap was completed here (the finished dataset is in place).
+    `RuntimeError` when another live process is writing there. A staging folder made
+    with `resume_fingerprint` is kept for the run to continue.
+
+    Returns `(swap_finished, resumable)`: whether a crashed swap was completed here
+    (the finished dataset is in place), and whether a staging folder was kept.
     """
     swap_finished = False
     backup = layout.backup
@@ -149,10 +152,20 @@ def recover(layout: Layout) -> bool:
                     f"to {layout.final} (staging at {staging}). Wait for it to finish "
                     "or stop it; two runs cannot share an output path."
                 )
+            if resume_fingerprint is not None and (
+                marker.get("fingerprint") == resume_fingerprint
+            ):
+                logger.warning(
+                    "Resuming the interrupted run at %s from %s.", layout.final, staging
+                )
+                return swap_finished, True
             logger.warning(
-                "Removing the leftovers of an interrupted run at %s (staging folder %s).",
+                "Removing the leftovers of an interrupted run at %s (staging folder %s)%s.",
                 layout.final,
                 staging,
+                ""
+                if resume_fingerprint is None
+                else "; its config differs, so it cannot be resumed",
             )
             shutil.rmtree(staging)
         else:
@@ -160,7 +173,7 @@ def recover(layout: Layout) -> bool:
                 f"{staging} exists but was not created by sae-cache-ext for "
                 f"{layout.final}; it is left untouched. Move or delete it, and rerun."
             )
-    return swap_finished
+    return swap_finished, False
 
 
 def check_output_free(layout: Layout) -> None:
@@ -192,16 +205,33 @@ def new_marker(layout: Layout, fingerprint: str, **extra: Any) -> dict[str, Any]
 
 
 @contextlib.contextmanager
-def staging_area(layout: Layout, fingerprint: str) -> Iterator[Path]:
-    """A fresh staging folder with our marker; removed again if the block fails."""
+def staging_area(
+    layout: Layout, fingerprint: str, reuse: bool = False, keep_on_error: bool = False
+) -> Iterator[Path]:
+    """A staging folder with our marker: fresh, or (`reuse`) the one an interrupted
+    run left. If the block fails it is removed, unless `keep_on_error` (a run with
+    `resume=True` keeps it so that a rerun continues)."""
     layout.final.parent.mkdir(parents=True, exist_ok=True)
     staging = layout.staging
-    staging.mkdir()
+    if not reuse:
+        staging.mkdir()
     try:
-        write_json_atomic(staging / MARKER, new_marker(layout, fingerprint))
+        marker = read_marker(staging) if reuse else None
+        write_json_atomic(
+            staging / MARKER,
+            {**(marker or {}), **new_marker(layout, fingerprint)}
+            if marker is None or marker.get("state") != STATE_COMPLETE
+            else marker,
+        )
         yield staging
     except BaseException:
-        if staging.exists() and _belongs_to(read_marker(staging), layout):
+        if keep_on_error and staging.exists():
+            logger.warning(
+                "The run failed; its work so far is kept in %s. Rerun with "
+                "resume=True to continue, or with resume=False to start over.",
+                staging,
+            )
+        elif staging.exists() and _belongs_to(read_marker(staging), layout):
             shutil.rmtree(staging, ignore_errors=True)
         elif _is_empty_dir(staging):
             staging.rmdir()

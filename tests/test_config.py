@@ -17,6 +17,7 @@ NEW_FIELDS = {
     "exclude_special_tokens": False,
     "shuffle_across_sequences": False,
     "on_dataset_exhausted": "warn",
+    "resume": False,
 }
 
 
@@ -103,5 +104,6 @@ def test_bfloat16_is_refused_with_a_fix(make_cfg):
 def test_data_fingerprint_ignores_upload_fields_but_not_data_fields(make_cfg):
     base = make_cfg().data_fingerprint
     assert make_cfg(hf_repo_id="me/x", hf_revision="v2").data_fingerprint == base
+    assert make_cfg(resume=True).data_fingerprint == base
     assert make_cfg(seed=7).data_fingerprint != base
     assert make_cfg(exclude_special_tokens=[1]).data_fingerprint != base
