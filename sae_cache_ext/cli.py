@@ -291,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
     demo.set_defaults(func=cmd_demo)
+
+    from sae_cache_ext import bench  # light: imports torch only when run
+
+    bench.add_parser(sub)
     return parser
 
 

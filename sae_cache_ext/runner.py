@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -326,7 +327,9 @@ class CacheActivationsRunner(_UpstreamRunner):
         swap_finished, resumable = staging.recover(
             self.layout, resume_fingerprint=fingerprint if cfg.resume else None
         )
-        if swap_finished and staging.is_our_finished_cache(self.layout.final):
+        if (swap_finished or cfg.resume) and staging.is_our_finished_cache(
+            self.layout.final
+        ):
             done = manifest.read_manifest(self.layout.final)
             if done.get("fingerprint") == fingerprint:
                 logger.warning(
@@ -341,6 +344,7 @@ class CacheActivationsRunner(_UpstreamRunner):
         ) as folder:
             if not staging.is_our_finished_cache(folder):
                 self._build(folder, checkpoints.load(folder) if resumable else None)
+            checkpoints.remove(folder)  # a crash may have kept them past the manifest
             staging.swap_into_place(self.layout)
         logger.info("Cached activations at %s", self.layout.final)
         return self._publish(Dataset.load_from_disk(str(self.layout.final)))
@@ -350,6 +354,13 @@ class CacheActivationsRunner(_UpstreamRunner):
         continuing from `checkpoint` if given."""
         cfg = self.cfg
         started = time.perf_counter()
+        # Hashing the weights takes a second for a small model: do it beside the
+        # caching loop, not after it.
+        hasher = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="sae-cache-ext-hash"
+        )
+        run_facts = hasher.submit(manifest.run_facts, self.model, cfg)
+        hasher.shutdown(wait=False)
         marker = staging.read_marker(folder) or {}
         sink = self._make_sink(folder)
         if checkpoint is None:
@@ -405,7 +416,7 @@ class CacheActivationsRunner(_UpstreamRunner):
             rows_are_sequences=not (
                 cfg.shuffle_across_sequences or self.exclude_ids is not None
             ),
-            run=manifest.run_facts(self.model, cfg),
+            run=run_facts.result(),
             excluded_token_ids=(
                 [] if self.exclude_ids is None else self.exclude_ids.tolist()
             ),

@@ -95,6 +95,16 @@ def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
 
 
+def _is_unstarted_staging(path: Path) -> bool:
+    """Empty, or holding only a half-written marker (a run killed while writing
+    its first marker): nothing in it is anyone's data."""
+    return (
+        path.is_dir()
+        and not path.is_symlink()
+        and all(child.name == MARKER + ".tmp" for child in path.iterdir())
+    )
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -142,8 +152,8 @@ def recover(layout: Layout, resume_fingerprint: str | None = None) -> tuple[bool
     staging = layout.staging
     if staging.exists() or staging.is_symlink():
         marker = read_marker(staging)
-        if _is_empty_dir(staging):
-            staging.rmdir()
+        if _is_unstarted_staging(staging):
+            shutil.rmtree(staging)
         elif _belongs_to(marker, layout) and staging.is_dir():
             assert marker is not None
             if _writer_still_running(marker):
@@ -233,8 +243,8 @@ def staging_area(
             )
         elif staging.exists() and _belongs_to(read_marker(staging), layout):
             shutil.rmtree(staging, ignore_errors=True)
-        elif _is_empty_dir(staging):
-            staging.rmdir()
+        elif _is_unstarted_staging(staging):
+            shutil.rmtree(staging)
         raise
 
 

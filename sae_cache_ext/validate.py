@@ -172,6 +172,17 @@ def _check_repo_id(repo_id: object) -> None:
 # -- the output path ------------------------------------------------------------------
 
 
+def _finished_by_this_config(
+    cfg: CacheActivationsRunnerConfig, layout: staging.Layout
+) -> bool:
+    """With `resume=True`, the finished cache of this very config may stand at the
+    output path (a run killed after its swap): the run then returns it."""
+    if not cfg.resume or not staging.is_our_finished_cache(layout.final):
+        return False
+    marker = staging.read_marker(layout.final) or {}
+    return marker.get("fingerprint") == cfg.data_fingerprint
+
+
 def validate_output_path(cfg: CacheActivationsRunnerConfig) -> None:
     """Refuse an output path the run could not write, or must not write, read-only.
 
@@ -185,7 +196,7 @@ def validate_output_path(cfg: CacheActivationsRunnerConfig) -> None:
     _check_not_system_folder(path, layout.final)
     # After a crashed swap the output path may hold our half-moved cache: the
     # runner's `run` sorts that out, so the emptiness check waits for it.
-    if not layout.backup.exists():
+    if not layout.backup.exists() and not _finished_by_this_config(cfg, layout):
         staging.check_output_free(layout)
     if os.path.ismount(layout.final):
         raise ValueError(

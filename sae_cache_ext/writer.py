@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import io
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -92,23 +93,39 @@ def write_tables(
     holding only one of them in memory at a time, and checksum the file."""
     schema = features.arrow_schema
     rows = 0
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as stream:
-        for table in tables:
-            table = table.cast(schema) if table.schema != schema else table
-            for batch in table.to_batches(max_chunksize=ROWS_PER_RECORD_BATCH):
-                stream.write_batch(batch)
-            rows += table.num_rows
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    digest = hashlib.sha256()
+    with open(path, "wb") as raw:
+        sink = pa.PythonFile(_HashingWriter(raw, digest), mode="w")
+        with pa.ipc.new_stream(sink, schema) as stream:
+            for table in tables:
+                table = table.cast(schema) if table.schema != schema else table
+                for batch in table.to_batches(max_chunksize=ROWS_PER_RECORD_BATCH):
+                    stream.write_batch(batch)
+                rows += table.num_rows
+        raw.flush()
+        os.fsync(raw.fileno())
     return ShardInfo(
         filename=path.name,
         rows=rows,
-        sha256=file_sha256(path),
+        sha256=digest.hexdigest(),
         nbytes=path.stat().st_size,
     )
+
+
+class _HashingWriter(io.RawIOBase):
+    """A file that hashes what passes through it, so a shard is never read back
+    just to be checksummed."""
+
+    def __init__(self, raw: BinaryIO, digest: Any) -> None:
+        self._raw = raw
+        self._digest = digest
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self._digest.update(data)
+        return self._raw.write(data)
 
 
 def write_table(path: Path, table: pa.Table, features: Features) -> ShardInfo:

@@ -25,8 +25,10 @@ def _run(model: str, arm: str, wall: float, rss_mb: float = 10.0) -> dict:
     return {
         "model": model,
         "arm": arm,
+        "tokens": 1000,
         "tokens_per_second": 1000 / wall,
         "wall_seconds": wall,
+        "cpu_seconds": wall,
         "peak_rss_above_model_mb": rss_mb,
         "output_mb": 0.0 if arm == bench.FORWARD else 1.0,
         "disk_write_mb": 2.0,
@@ -61,6 +63,19 @@ def test_report_takes_medians_and_divides_ours_by_each_upstream_arm():
     assert (vs_upstream["verdict"], vs_upstream["stretch_verdict"]) == ("MET", "MET")
     assert verdicts["tiny: ours tokens/s vs upstream+persist"]["verdict"] == "MET"
     assert verdicts["smollm2: our pipeline efficiency"]["verdict"] == "not measured"
+    assert report["warnings"] == []
+
+
+def test_report_warns_when_arms_cached_different_token_counts():
+    short = {**_run("tiny", bench.OURS, 1.0), "tokens": 500}
+    report = bench.build_report(
+        [_run("tiny", bench.UPSTREAM, 1.0), short], list(bench.ARMS)
+    )
+    assert (
+        len(report["warnings"]) == 1
+        and "different numbers of tokens" in report["warnings"][0]
+    )
+    assert "WARNING: tiny: the runs cached different" in bench.format_report(report)
 
 
 def test_setup_rounds_tokens_down_to_whole_batches_in_buffers():
@@ -87,6 +102,7 @@ def test_quick_bench_prints_the_table_and_writes_every_run(tmp_path: Path, capsy
         assert any(line.startswith(arm + " ") for line in out.splitlines())
 
     report = json.loads(json_path.read_text())
+    assert report["warnings"] == []
     runs = {r["arm"]: r for r in report["runs"]}
     assert sorted(runs) == sorted(bench.ARMS) and len(report["runs"]) == 4
     for arm, run in runs.items():

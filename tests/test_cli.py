@@ -129,7 +129,7 @@ def test_missing_config_file(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", ["run", "info", "verify", "demo"])
+@pytest.mark.parametrize("command", ["run", "info", "verify", "demo", "bench"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
