@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from datasets import Dataset
-from huggingface_hub import HfApi
+from huggingface_hub import DatasetCard, HfApi, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -51,3 +52,65 @@ def push_cache(
             revision=revision,
             commit_message="Add sae-cache-ext manifest",
         )
+        push_card(repo_id, revision, json.loads(manifest_path.read_text()))
+
+
+def push_card(repo_id: str, revision: str, manifest: dict[str, Any]) -> None:
+    """Put the key facts in the dataset card (README.md), keeping the metadata
+    header `datasets` wrote there."""
+    try:
+        readme = hf_hub_download(
+            repo_id, "README.md", repo_type="dataset", revision=revision
+        )
+        card = DatasetCard(Path(readme).read_text())
+    except EntryNotFoundError:
+        card = DatasetCard("")
+    card.text = card_text(manifest)
+    card.push_to_hub(
+        repo_id,
+        repo_type="dataset",
+        revision=revision,
+        commit_message="Describe the activation cache",
+    )
+
+
+def card_text(manifest: dict[str, Any]) -> str:
+    """A dataset card body stating how the cache was made and what it left out."""
+    config = manifest.get("config", {})
+    run = manifest.get("run", {})
+    facts = manifest.get("accounting", {})
+    exhaustion = manifest.get("dataset_exhaustion", {})
+    dropped = facts.get("tokens_dropped", {}) or {"nothing": 0}
+    lines = [
+        f"# Activations of `{run.get('model_name', config.get('model_name'))}` at "
+        f"`{run.get('hook_name', config.get('hook_name'))}`",
+        "",
+        "Cached with [sae-cache-ext](https://pypi.org/project/sae-cache-ext/) for "
+        "training sparse autoencoders with sae-lens (`use_cached_activations=True`).",
+        "",
+        "| fact | value |",
+        "|---|---|",
+        f"| rows x tokens per row | {manifest.get('rows')} x {manifest.get('row_length')} |",
+        f"| tokens | {manifest.get('tokens')} |",
+        f"| d_in, dtype | {run.get('d_in')}, {run.get('dtype')} |",
+        f"| dataset | `{config.get('dataset_path')}` |",
+        f"| shuffle on disk (seed) | {config.get('shuffle')} ({config.get('seed')}) |",
+        f"| shuffle_across_sequences | {config.get('shuffle_across_sequences')} |",
+        f"| exclude_special_tokens | {config.get('exclude_special_tokens')} |",
+        f"| disable_concat_sequences | {config.get('disable_concat_sequences')} |",
+        f"| documents read / kept / dropped short | {facts.get('documents_read')} / "
+        f"{facts.get('documents_kept')} / {facts.get('documents_dropped_short')} |",
+        f"| dataset ran out / repeats | {exhaustion.get('exhausted')} / "
+        f"{exhaustion.get('repeats')} |",
+        f"| weights sha256 | `{run.get('weights_sha256')}` |",
+        f"| versions | {', '.join(f'{k} {v}' for k, v in manifest.get('versions', {}).items())} |",
+        "",
+        "Tokens that did not reach the cache, by reason: "
+        + ", ".join(f"{reason} {count}" for reason, count in dropped.items())
+        + ".",
+        "",
+        "The full record (config, per-shard sha256, coverage by document length, "
+        "timings) is in `sae_cache_ext_manifest.json`; the runner config in "
+        f"`{CONFIG_FILENAME}`.",
+    ]
+    return "\n".join(lines) + "\n"

@@ -72,6 +72,11 @@ def test_push_sends_the_persisted_shuffled_dataset_config_and_manifest(
         (Path(cfg["new_cached_activations_path"]) / MARKER).read_text()
     )
     assert manifest == local_manifest
+    card = hub.read_file("me/tiny-cache", "README.md").decode()
+    assert card.startswith("---\n") and "dataset_info" in card  # datasets' header kept
+    assert "# Activations of `tiny-random` at `blocks.0.hook_resid_post`" in card
+    assert "| rows x tokens per row | 24 x 16 |" in card
+    assert "excluded_special_token" in card  # what was left out, by reason
     # no secret travels with the cache
     token = env["HF_TOKEN"]
     assert (
