@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,21 @@ from datasets import Dataset, load_from_disk
 from sae_cache_ext import CacheActivationsRunner, CacheActivationsRunnerConfig
 
 HOOK = "blocks.0.hook_resid_post"
+
+
+def before_nth_call(real: Callable, n: int, action: Callable[[], None]) -> Callable:
+    """`real`, wrapped so that `action()` runs right before its n-th call (to raise
+    an injected failure, or to SIGKILL the process)."""
+    calls = 0
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == n:
+            action()
+        return real(*args, **kwargs)
+
+    return wrapper
 
 
 def run_ours(cfg: CacheActivationsRunnerConfig, model, corpus: Dataset) -> Dataset:

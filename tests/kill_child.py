@@ -17,17 +17,12 @@ from pathlib import Path
 
 
 def _kill_before_call(owner, name: str, n: int) -> None:
-    real = getattr(owner, name)
-    calls = 0
+    from tests.helpers import before_nth_call
 
-    def wrapper(*args, **kwargs):
-        nonlocal calls
-        calls += 1
-        if calls == n:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return real(*args, **kwargs)
+    def kill() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
 
-    setattr(owner, name, wrapper)
+    setattr(owner, name, before_nth_call(getattr(owner, name), n, kill))
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import pytest
 from sae_cache_ext import CacheActivationsRunnerConfig, shuffle
 from sae_cache_ext.staging import MARKER, Layout
 from tests.conftest import default_cfg_kwargs
-from tests.helpers import columns, run_ours
+from tests.helpers import before_nth_call, columns, run_ours
 
 CONFIGS = {
     "shuffled": {"shuffle": True, "shuffle_across_sequences": True},
@@ -32,17 +32,12 @@ class Interrupt(Exception):
 
 
 def _interrupt_on_call(monkeypatch, owner, name: str, n: int) -> None:
-    real = getattr(owner, name)
-    calls = 0
+    def interrupt() -> None:
+        raise Interrupt(f"{name} call {n}")
 
-    def wrapper(*args, **kwargs):
-        nonlocal calls
-        calls += 1
-        if calls == n:
-            raise Interrupt(f"{name} call {n}")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(owner, name, wrapper)
+    monkeypatch.setattr(
+        owner, name, before_nth_call(getattr(owner, name), n, interrupt)
+    )
 
 
 @pytest.mark.parametrize("where", ["caching", "gather"])

@@ -11,7 +11,7 @@ import pytest
 
 from sae_cache_ext import CacheActivationsRunner, staging
 from sae_cache_ext.staging import MARKER, Layout
-from tests.helpers import columns, run_ours
+from tests.helpers import before_nth_call, columns, run_ours
 
 
 def _make_finished_staging(layout: Layout) -> None:
@@ -22,17 +22,13 @@ def _make_finished_staging(layout: Layout) -> None:
     (layout.staging / "data.arrow").write_text("new")
 
 
-class FailOn:
-    """Wraps a function so that its n-th call raises OSError."""
+def fail_on_call(real, n: int):
+    """`real`, failing with an injected OSError on its n-th call."""
 
-    def __init__(self, real, n: int):
-        self.real, self.n, self.calls = real, n, 0
+    def fail() -> None:
+        raise OSError(f"injected failure on call {n}")
 
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        if self.calls == self.n:
-            raise OSError(f"injected failure on call {self.n}")
-        return self.real(*args, **kwargs)
+    return before_nth_call(real, n, fail)
 
 
 @pytest.mark.parametrize("failing_rename", [1, 2])
@@ -40,7 +36,7 @@ def test_swap_rolls_back_when_a_rename_fails(tmp_path, monkeypatch, failing_rena
     layout = Layout.for_output(tmp_path / "out")
     layout.final.mkdir()  # an empty folder is in the way, as sae-lens allows
     _make_finished_staging(layout)
-    monkeypatch.setattr(os, "rename", FailOn(os.rename, failing_rename))
+    monkeypatch.setattr(os, "rename", fail_on_call(os.rename, failing_rename))
     with pytest.raises(OSError, match="injected"):
         staging.swap_into_place(layout)
     # back as before: empty output folder, staging intact, no backup
@@ -53,7 +49,7 @@ def test_swap_rolls_back_when_removing_the_backup_fails(tmp_path, monkeypatch):
     layout = Layout.for_output(tmp_path / "out")
     layout.final.mkdir()
     _make_finished_staging(layout)
-    monkeypatch.setattr(Path, "rmdir", FailOn(Path.rmdir, 1))
+    monkeypatch.setattr(Path, "rmdir", fail_on_call(Path.rmdir, 1))
     with pytest.raises(OSError, match="injected"):
         staging.swap_into_place(layout)
     assert layout.final.is_dir() and not any(layout.final.iterdir())
@@ -160,7 +156,7 @@ def test_a_failing_run_leaves_nothing_behind(make_cfg, tiny_model, corpus, monke
     from sae_cache_ext import shuffle
 
     cfg = make_cfg(shuffle=True)
-    monkeypatch.setattr(shuffle, "write_tables", FailOn(shuffle.write_tables, 2))
+    monkeypatch.setattr(shuffle, "write_tables", fail_on_call(shuffle.write_tables, 2))
     with pytest.raises(OSError, match="injected"):
         run_ours(cfg, tiny_model, corpus)
     layout = Layout.for_output(cfg.new_cached_activations_path)
@@ -171,7 +167,7 @@ def test_a_writer_error_reaches_the_caller(make_cfg, tiny_model, corpus, monkeyp
     from sae_cache_ext import shuffle
 
     cfg = make_cfg()
-    monkeypatch.setattr(shuffle, "write_tables", FailOn(shuffle.write_tables, 1))
+    monkeypatch.setattr(shuffle, "write_tables", fail_on_call(shuffle.write_tables, 1))
     with pytest.raises(OSError, match="injected"):
         run_ours(cfg, tiny_model, corpus)
     assert not Layout.for_output(cfg.new_cached_activations_path).staging.exists()
