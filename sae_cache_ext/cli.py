@@ -304,6 +304,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # tqdm reads TQDM_* defaults from the environment: silence every bar,
         # including those of datasets and sae-lens, for CI logs.
         os.environ["TQDM_DISABLE"] = "1"
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
