@@ -104,8 +104,8 @@ def _load_dataset(cfg: CacheActivationsRunnerConfig):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from sae_cache_ext.demo import folder_bytes
     from sae_cache_ext.runner import CacheActivationsRunner
+    from sae_cache_ext.verify import folder_bytes
 
     values = apply_overrides(load_config_file(args.config), args.set or [])
     cfg = build_config(values)

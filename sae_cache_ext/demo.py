@@ -19,6 +19,7 @@ from sae_cache_ext.data import load_local_dataset, pydoc_corpus
 from sae_cache_ext.models import load_smollm2_hooked
 from sae_cache_ext.runner import CacheActivationsRunner
 from sae_cache_ext.train import SAEEvaluation, evaluate_sae, train_sae_from_cache
+from sae_cache_ext.verify import folder_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +45,6 @@ class DemoResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 def sanity_check(model) -> list[str]:

@@ -279,8 +279,5 @@ class BucketShuffleSink:
         self._bucket_dir.rmdir()
         return shards
 
-    def abort(self) -> None:
-        self._close_streams()
-
 
 Sink = OrderedSink | BucketShuffleSink

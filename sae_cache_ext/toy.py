@@ -75,8 +75,8 @@ def build_model(tokenizer_dir: Path, seed: int = 0):
 
 def build_corpus(n_docs: int | None = None) -> Dataset:
     """The prose as a `Dataset` with a `text` column (optionally the first n docs)."""
-    docs = corpus_documents()
-    return Dataset.from_dict({"text": docs[:n_docs] if n_docs else docs})
+    corpus = pydoc_corpus()
+    return corpus.select(range(n_docs)) if n_docs else corpus
 
 
 def toy_model_and_corpus(folder: Path) -> tuple:

@@ -145,7 +145,7 @@ def _arrow_rows(path: Path, validate: bool = False) -> tuple[int, pa.Schema]:
         return n_rows, reader.schema
 
 
-def _folder_bytes(folder: Path) -> int:
+def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
@@ -198,7 +198,7 @@ def describe_cache(path: str | os.PathLike[str]) -> dict[str, Any]:
         "data_bytes": sum(
             (folder / n).stat().st_size for n in filenames if (folder / n).is_file()
         ),
-        "size_bytes": _folder_bytes(folder),
+        "size_bytes": folder_bytes(folder),
         "config": config,
         "config_source": config_source,
         "manifest": facts,

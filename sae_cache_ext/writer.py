@@ -21,7 +21,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -217,7 +217,6 @@ class WriterStats:
     max_queue_depth: int = 0
     jobs: int = 0
     write_seconds: float = 0.0
-    extra: dict[str, float] = field(default_factory=dict)
 
 
 class BackgroundWriter:
