@@ -61,6 +61,14 @@ class CacheActivationsRunnerConfig(_UpstreamConfig):
     with what was read and records it in the manifest, `"error"` fails (nothing is
     written), `"repeat"` starts the dataset again as sae-lens does (recorded)."""
 
+    hook_names: list[str] | None = None
+    """Cache several hooks from one forward pass (which stops after the deepest of
+    them). `hook_name` must be one of them: `d_in` is its width, and the others'
+    widths are read from the model. The output folder then holds one dataset per
+    hook, in `<new_cached_activations_path>/<hook>/`, all with the same rows in the
+    same order and the same `token_ids`. A buffer holds `n_seq_in_buffer` rows of
+    every hook, so its memory grows with the hooks' total width."""
+
     resume: bool = False
     """Continue an interrupted run at the same output path from its last completed
     buffer (or shuffled shard) instead of starting over. The result is identical to
@@ -110,12 +118,45 @@ class CacheActivationsRunnerConfig(_UpstreamConfig):
                 f"on_dataset_exhausted={self.on_dataset_exhausted!r} is not valid: use "
                 "'warn', 'error' or 'repeat'."
             )
+        self._check_hook_names()
         if self.dtype not in _STORABLE_DTYPES:
             raise ValueError(
                 f"dtype={self.dtype!r} cannot be stored: the `datasets` Array2D feature "
                 f"supports {list(_STORABLE_DTYPES)} (not bfloat16). Set dtype='float32' "
                 "or 'float16'."
             )
+
+    def _check_hook_names(self) -> None:
+        names = self.hook_names
+        if names is None:
+            return
+        if isinstance(names, str) or not isinstance(names, (list, tuple)):
+            raise ValueError(
+                f"hook_names={names!r} is not valid: use a list of hook names, or None "
+                "to cache hook_name alone."
+            )
+        if not names or not all(isinstance(n, str) and n for n in names):
+            raise ValueError(
+                f"hook_names={names!r} must be a non-empty list of hook names (str)."
+            )
+        repeated = sorted({n for n in names if list(names).count(n) > 1})
+        if repeated:
+            raise ValueError(
+                f"hook_names lists {repeated} more than once: list each hook once."
+            )
+        if self.hook_name not in names:
+            raise ValueError(
+                f"hook_name={self.hook_name!r} is not in hook_names={list(names)}: "
+                "hook_name is the hook whose width is d_in, so add it to hook_names."
+            )
+        self.hook_names = list(names)
+
+    @property
+    def all_hook_names(self) -> list[str]:
+        """The hooks this run caches: `hook_names`, or `hook_name` alone."""
+        return (
+            list(self.hook_names) if self.hook_names is not None else [self.hook_name]
+        )
 
     # -- derived values -------------------------------------------------------------
 

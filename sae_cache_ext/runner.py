@@ -20,8 +20,14 @@ from datasets import Dataset
 from sae_lens import CacheActivationsRunner as _UpstreamRunner
 from sae_lens.cache_activations_runner import _mk_activations_store
 from sae_lens.load_model import load_model
-from sae_lens.training.activations_store import ActivationsStore
-from sae_lens.util import get_special_token_ids
+from sae_lens.training.activations_store import (
+    ActivationsStore,
+    _get_input_token_device,
+)
+from sae_lens.util import (
+    extract_stop_at_layer_from_tlens_hook_name,
+    get_special_token_ids,
+)
 from tqdm.auto import tqdm
 from transformer_lens.hook_points import HookedRootModule
 
@@ -40,8 +46,8 @@ from sae_cache_ext.shuffle import (
     Sink,
     choose_n_buckets,
 )
-from sae_cache_ext.validate import validate_output_path, validate_run
-from sae_cache_ext.writer import BackgroundWriter, WriterStats, cache_features
+from sae_cache_ext.validate import hook_width, validate_output_path, validate_run
+from sae_cache_ext.writer import BackgroundWriter, CacheSchema, WriterStats
 
 logger = logging.getLogger(__name__)
 
@@ -101,9 +107,14 @@ class CacheActivationsRunner(_UpstreamRunner):
         self.context_size = self._get_sliced_context_size(
             cfg.context_size, cfg.seqpos_slice
         )
-        self.features = cache_features(
-            cfg.hook_name, self.context_size, cfg.d_in, cfg.dtype
+        self.schema = CacheSchema(
+            hooks=tuple(self._hook_widths()),
+            context_size=self.context_size,
+            dtype=cfg.dtype,
+            per_hook_folders=cfg.hook_names is not None,
         )
+        # with hook_names, every hook's dataset once the run is done
+        self.datasets: dict[str, Dataset] = {}
 
     # -- set-up -----------------------------------------------------------------------
 
@@ -120,6 +131,34 @@ class CacheActivationsRunner(_UpstreamRunner):
                 )
             exclude = get_special_token_ids(tokenizer)
         return torch.tensor(sorted(set(exclude)), dtype=torch.long)
+
+    def _hook_widths(self) -> list[tuple[str, int]]:
+        """`(hook, values per token)` for every hook cached: `d_in` for
+        `hook_name`, the others from the model's config or, where that does not
+        tell, from a forward pass over two tokens."""
+        cfg = self.cfg
+        widths = {cfg.hook_name: cfg.d_in}
+        model = getattr(self.model, "_orig_mod", self.model)
+        unknown = []
+        for hook in cfg.all_hook_names:
+            if hook in widths:
+                continue
+            known = hook_width(model, hook) if hasattr(model, "cfg") else None
+            if known is None:
+                unknown.append(hook)
+            else:
+                widths[hook] = known[0]
+        if unknown:
+            tokens = torch.zeros(
+                (1, 2), dtype=torch.long, device=_get_input_token_device(self.model)
+            )
+            with torch.no_grad():
+                cache = self.model.run_with_cache(
+                    tokens, names_filter=unknown, prepend_bos=False
+                )[1]
+            for hook in unknown:
+                widths[hook] = int(cache[hook][0, 0].numel())
+        return [(hook, widths[hook]) for hook in cfg.all_hook_names]
 
     def _make_store(self, override_dataset: Dataset | None) -> ActivationsStore:
         store = _mk_activations_store(self.model, self.cfg, override_dataset)
@@ -160,9 +199,7 @@ class CacheActivationsRunner(_UpstreamRunner):
 
         Raises StopIteration when the dataset runs out (unless repeating is on)."""
         repeat = self.cfg.on_dataset_exhausted == "repeat"
-        acts_ND, toks_N = self.activations_store.get_raw_llm_batch(
-            raise_on_epoch_end=not repeat
-        )
+        acts_ND, toks_N = self._raw_batch(raise_on_epoch_end=not repeat)
         if toks_N is None:
             raise ValueError("the activations store returned no token ids")
         n_rows = toks_N.numel() // self.context_size
@@ -172,6 +209,47 @@ class CacheActivationsRunner(_UpstreamRunner):
             self.ledger.dropped[accounting.OUTSIDE_SEQPOS_SLICE] += sliced_off
         self.ledger.exclude(toks_N, self.exclude_ids)
         return drop_tokens(acts_ND, toks_N, self.exclude_ids)
+
+    def _raw_batch(
+        self, raise_on_epoch_end: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The store's next batch as `(acts_ND, toks_N)`: sae-lens's own for one
+        hook, or every hook's activations side by side from one forward pass."""
+        store = self.activations_store
+        if self.cfg.hook_names is None:
+            return store.get_raw_llm_batch(raise_on_epoch_end=raise_on_epoch_end)
+        tokens_BT = store.get_batch_tokens(raise_at_epoch_end=raise_on_epoch_end)
+        hooks = [hook for hook, _ in self.schema.hooks]
+        stops = [extract_stop_at_layer_from_tlens_hook_name(h) for h in hooks]
+        # the deepest hook's layer; None (run the whole model) if any hook has none
+        stop = None if None in stops else max(s for s in stops if s is not None)
+        # the same computation as sae-lens's `ActivationsStore.get_activations`,
+        # for several hooks at once
+        with torch.autocast(
+            device_type=_get_input_token_device(self.model).type,
+            dtype=torch.bfloat16,
+            enabled=store.autocast_lm,
+        ):
+            cache = self.model.run_with_cache(
+                tokens_BT,
+                names_filter=hooks,
+                stop_at_layer=stop,
+                prepend_bos=False,
+                **store.model_kwargs,
+            )[1]
+        seqpos = slice(*store.seqpos_slice)
+        parts = []
+        for hook in hooks:
+            acts = cache[hook][:, seqpos]
+            parts.append(
+                acts.reshape(acts.shape[0], acts.shape[1], -1).to(
+                    device=store.device, dtype=torch.get_default_dtype()
+                )
+            )
+        del cache
+        acts_ND = torch.cat(parts, dim=-1).reshape(-1, self.schema.width)
+        toks_N = tokens_BT[:, seqpos].reshape(-1).to(store.device)
+        return acts_ND, toks_N
 
     def _buffer_rows(
         self, packer: RowPacker, index: int, progress: tqdm | None = None
@@ -201,14 +279,14 @@ class CacheActivationsRunner(_UpstreamRunner):
         return acts_RTD, toks_RT, token_order(n_rows, context_size, generator)
 
     def _make_sink(self, folder: Path) -> OrderedSink | BucketShuffleSink:
-        args = (folder, self.features, self.cfg.hook_name, self.cfg.dtype)
         if self.cfg.shuffle:
             return BucketShuffleSink(
-                *args,
+                folder,
+                self.schema,
                 seed=self.cfg.seed,
                 n_buckets=choose_n_buckets(self.cfg.n_buffers),
             )
-        return OrderedSink(*args)
+        return OrderedSink(folder, self.schema)
 
     def _cache_buffers(
         self, sink: Sink, packer: RowPacker, folder: Path, first: int = 0
@@ -336,7 +414,7 @@ class CacheActivationsRunner(_UpstreamRunner):
                     "%s already holds this config's finished cache; returning it.",
                     self.layout.final,
                 )
-                return self._publish(Dataset.load_from_disk(str(self.layout.final)))
+                return self._publish(self._load_result())
         staging.check_output_free(self.layout)
 
         with staging.staging_area(
@@ -347,7 +425,7 @@ class CacheActivationsRunner(_UpstreamRunner):
             checkpoints.remove(folder)  # a crash may have kept them past the manifest
             staging.swap_into_place(self.layout)
         logger.info("Cached activations at %s", self.layout.final)
-        return self._publish(Dataset.load_from_disk(str(self.layout.final)))
+        return self._publish(self._load_result())
 
     def _build(self, folder: Path, checkpoint: dict[str, Any] | None) -> None:
         """Cache, shuffle and describe the dataset in the staging `folder`,
@@ -397,36 +475,66 @@ class CacheActivationsRunner(_UpstreamRunner):
                 folder, {"phase": "gather", "sink": state, "facts": facts}
             ),
         )
-        if not shards:
+        if not any(shards.values()):
             raise ValueError(
                 "The dataset did not yield a single row of context_size="
                 f"{cfg.context_size} tokens: use a larger dataset or a smaller "
                 "context_size."
             )
-        manifest.write_dataset_metadata(folder, shards, self.features)
         facts = dict(facts)
         caching_seconds = facts.pop("caching_seconds")
-        manifest.finish_manifest(
-            folder,
-            marker,
-            cfg.to_dict(),
-            shards=shards,
-            tokens=sum(s.rows for s in shards) * self.context_size,
-            row_length=self.context_size,
-            rows_are_sequences=not (
+        rows = sum(s.rows for s in next(iter(shards.values())))
+        common = {
+            "tokens": rows * self.context_size,
+            "row_length": self.context_size,
+            "rows_are_sequences": not (
                 cfg.shuffle_across_sequences or self.exclude_ids is not None
             ),
-            run=run_facts.result(),
-            excluded_token_ids=(
+            "run": run_facts.result(),
+            "excluded_token_ids": (
                 [] if self.exclude_ids is None else self.exclude_ids.tolist()
             ),
-            timings={
+            "timings": {
                 "caching_seconds": caching_seconds,
                 "finishing_seconds": time.perf_counter() - cached,
             },
             **facts,
+        }
+        config = cfg.to_dict()
+        for subdir, features in self.schema.outputs:
+            manifest.write_dataset_metadata(folder / subdir, shards[subdir], features)
+        if self.schema.per_hook_folders:
+            # each hook's folder is a cache of its own (its manifest says which hook
+            # and width); the top-level manifest, written last, marks the whole done
+            for hook, width in self.schema.hooks:
+                manifest.finish_manifest(
+                    folder / hook,
+                    marker,
+                    {**config, "hook_name": hook, "d_in": width},
+                    shards=shards[hook],
+                    **{**common, "run": {**common["run"], "hook_name": hook}},
+                )
+            common["hook_datasets"] = {
+                hook: {"folder": hook, "d_in": width, "rows": rows}
+                for hook, width in self.schema.hooks
+            }
+            common["rows"] = rows
+        manifest.finish_manifest(
+            folder, marker, config, shards=shards.get("", []), **common
         )
         checkpoints.remove(folder)
+
+    def _load_result(self) -> Dataset:
+        """The finished dataset (`hook_name`'s, with `hook_names`; every hook's is
+        then in `self.datasets`)."""
+        final = self.layout.final
+        if not self.schema.per_hook_folders:
+            return Dataset.load_from_disk(str(final))
+        self.datasets = {
+            hook: Dataset.load_from_disk(str(final / hook))
+            for hook, _ in self.schema.hooks
+        }
+        return self.datasets[self.cfg.hook_name]
 
     def _publish(self, dataset: Dataset) -> Dataset:
         if self.cfg.hf_repo_id:

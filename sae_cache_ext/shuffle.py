@@ -27,16 +27,17 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
-from datasets import Features
 from tqdm.auto import tqdm
 
 from sae_cache_ext.packing import Stream, assign_buckets, seeded_generator
 from sae_cache_ext.writer import (
     ROWS_PER_RECORD_BATCH,
+    CacheSchema,
     ShardInfo,
     gathered_tables,
     read_table,
     release_freed_memory,
+    write_split_tables,
     write_tables,
 )
 
@@ -48,6 +49,8 @@ _POOL = pa.system_memory_pool()
 Checkpoint = Callable[[dict[str, Any]], None]
 MIN_BUCKETS = 4
 MAX_BUCKETS = 1024
+# Shards of every dataset a sink writes, by subfolder ("" is the folder itself).
+Shards = dict[str, list[ShardInfo]]
 
 
 def shard_name(index: int, total: int) -> str:
@@ -64,15 +67,32 @@ def choose_n_buckets(n_buffers: int) -> int:
     return max(MIN_BUCKETS, min(n_buffers, cap))
 
 
+def _write_shards(
+    folder: Path, schema: CacheSchema, name: str, tables: Any
+) -> list[ShardInfo]:
+    """Write `tables` as shard `name` of every dataset of `schema` in `folder`."""
+    outputs = schema.outputs
+    if len(outputs) == 1:
+        subdir, features = outputs[0]
+        return [write_tables(folder / subdir / name, tables, features)]
+    return write_split_tables(
+        [(folder / subdir / name, features) for subdir, features in outputs], tables
+    )
+
+
+def _make_output_folders(folder: Path, schema: CacheSchema) -> None:
+    for subdir, _ in schema.outputs:
+        (folder / subdir).mkdir(exist_ok=True)
+
+
 class OrderedSink:
     """Writes each buffer as one shard, in generation order."""
 
-    def __init__(self, folder: Path, features: Features, hook_name: str, dtype: str):
+    def __init__(self, folder: Path, schema: CacheSchema):
         self.folder = folder
-        self.features = features
-        self.hook_name = hook_name
-        self.dtype = dtype
-        self._shards: dict[int, ShardInfo] = {}
+        self.schema = schema
+        _make_output_folders(folder, schema)
+        self._shards: dict[int, list[ShardInfo]] = {}
 
     def write_buffer(
         self,
@@ -82,36 +102,50 @@ class OrderedSink:
         order_N: torch.Tensor | None = None,
     ) -> None:
         """Write buffer `index` as one shard, its tokens in `order_N` if given."""
-        tables = gathered_tables(self.hook_name, acts_RTD, toks_RT, self.dtype, order_N)
-        path = self.folder / f"buffer-{index:05d}.arrow"
-        self._shards[index] = write_tables(path, tables, self.features)
+        tables = gathered_tables(self.schema, acts_RTD, toks_RT, order_N)
+        name = f"buffer-{index:05d}.arrow"
+        self._shards[index] = _write_shards(self.folder, self.schema, name, tables)
         del tables, acts_RTD, toks_RT
         release_freed_memory()
 
     def state(self) -> dict[str, Any]:
         """What a resumed run needs to know of the buffers written so far."""
-        return {"shards": {str(i): asdict(info) for i, info in self._shards.items()}}
+        return {
+            "shards": {
+                str(i): [asdict(info) for info in infos]
+                for i, infos in self._shards.items()
+            }
+        }
 
     def restore(self, state: dict[str, Any]) -> None:
         """Take back the written buffers; drop files of buffers written later."""
-        self._shards = {int(i): ShardInfo(**v) for i, v in state["shards"].items()}
-        known = {info.filename for info in self._shards.values()}
-        for path in self.folder.glob("buffer-*.arrow"):
-            if path.name not in known:
-                path.unlink()
+        self._shards = {
+            int(i): [ShardInfo(**v) for v in infos]
+            for i, infos in state["shards"].items()
+        }
+        known = {f"buffer-{i:05d}.arrow" for i in self._shards}
+        for subdir, _ in self.schema.outputs:
+            for path in (self.folder / subdir).glob("buffer-*.arrow"):
+                if path.name not in known:
+                    path.unlink()
 
     def finish(
         self, quiet: bool = False, checkpoint: Checkpoint | None = None
-    ) -> list[ShardInfo]:
+    ) -> Shards:
         """Rename the buffers' files to the final shard names, in buffer order."""
         total = len(self._shards)
-        shards = []
+        shards: Shards = {subdir: [] for subdir, _ in self.schema.outputs}
         for position, index in enumerate(sorted(self._shards)):
-            info = self._shards[index]
             name = shard_name(position, total)
-            if (self.folder / info.filename).exists():
-                os.replace(self.folder / info.filename, self.folder / name)
-            shards.append(ShardInfo(**{**asdict(info), "filename": name}))
+            for (subdir, _), info in zip(
+                self.schema.outputs, self._shards[index], strict=True
+            ):
+                if (self.folder / subdir / info.filename).exists():
+                    os.replace(
+                        self.folder / subdir / info.filename,
+                        self.folder / subdir / name,
+                    )
+                shards[subdir].append(ShardInfo(**{**asdict(info), "filename": name}))
         return shards
 
 
@@ -126,16 +160,14 @@ class BucketShuffleSink:
     def __init__(
         self,
         folder: Path,
-        features: Features,
-        hook_name: str,
-        dtype: str,
+        schema: CacheSchema,
         seed: int,
         n_buckets: int,
     ):
         self.folder = folder
-        self.features = features
-        self.hook_name = hook_name
-        self.dtype = dtype
+        self.schema = schema
+        self.features = schema.features
+        _make_output_folders(folder, schema)
         self.seed = seed
         self.n_buckets = n_buckets
         self._bucket_dir = folder / "buckets"
@@ -175,11 +207,7 @@ class BucketShuffleSink:
         for k, rows in enumerate(assign_buckets(n_rows, self.n_buckets, generator)):
             if rows.numel():
                 tables = gathered_tables(
-                    self.hook_name,
-                    acts_RTD,
-                    toks_RT,
-                    self.dtype,
-                    positions_RT[rows].reshape(-1),
+                    self.schema, acts_RTD, toks_RT, positions_RT[rows].reshape(-1)
                 )
                 for table in tables:
                     for batch in table.cast(self.features.arrow_schema).to_batches():
@@ -236,21 +264,25 @@ class BucketShuffleSink:
 
     def finish(
         self, quiet: bool = False, checkpoint: Checkpoint | None = None
-    ) -> list[ShardInfo]:
+    ) -> Shards:
         """Gather every bucket into one permuted shard, deleting buckets as it goes.
 
         After each shard, `checkpoint(state)` records progress for a resumed run."""
         self._close_streams()
-        gather = self._gather or {"buckets": sorted(self._parts), "done": []}
+        gather = self._gather or {"buckets": sorted(self._parts), "done": {}}
         filled: list[int] = gather["buckets"]
-        shards = [ShardInfo(**info) for info in gather["done"]]
+        shards: Shards = {
+            subdir: [ShardInfo(**info) for info in gather["done"].get(subdir, [])]
+            for subdir, _ in self.schema.outputs
+        }
+        first = len(next(iter(shards.values())))
         for position in tqdm(
-            range(len(shards), len(filled)),
+            range(first, len(filled)),
             desc="Shuffling shards",
             unit="shard",
             disable=quiet,
             total=len(filled),
-            initial=len(shards),
+            initial=first,
         ):
             k = filled[position]
             table = self._read_bucket(k)
@@ -265,13 +297,16 @@ class BucketShuffleSink:
                 for i in range(0, len(perm), ROWS_PER_RECORD_BATCH)
             )
             name = shard_name(position, len(filled))
-            shards.append(write_tables(self.folder / name, chunks, self.features))
+            written = _write_shards(self.folder, self.schema, name, chunks)
+            for subdir, info in zip(shards, written, strict=True):
+                shards[subdir].append(info)
             del table, chunks
             # forget the bucket before recording progress: a resumed run must never
             # read a bucket that was being deleted
             gathered = self._parts.pop(k)
             if checkpoint is not None:
-                gather = {**gather, "done": [asdict(s) for s in shards]}
+                done = {d: [asdict(s) for s in infos] for d, infos in shards.items()}
+                gather = {**gather, "done": done}
                 checkpoint({**self.state(), "gather": gather})
             for part in gathered:
                 (self._bucket_dir / part).unlink()

@@ -98,6 +98,13 @@ def validate_config(cfg: CacheActivationsRunnerConfig) -> None:
     _check_buffer_size(cfg)
     if cfg.hf_repo_id is not None:
         _check_repo_id(cfg.hf_repo_id)
+        if cfg.hook_names is not None:
+            raise ValueError(
+                f"hf_repo_id={cfg.hf_repo_id!r} with hook_names: a push uploads one "
+                "dataset, and hook_names makes one per hook. Set hf_repo_id=None and "
+                "push each <new_cached_activations_path>/<hook> folder with "
+                "sae_cache_ext.hub.push_cache, one repo per hook."
+            )
     shards = cfg.hf_num_shards
     if shards is not None and (
         isinstance(shards, bool) or not isinstance(shards, int) or shards < 1
@@ -275,44 +282,56 @@ def _device_available(device: torch.device) -> bool:
 
 
 def _check_hook(cfg: CacheActivationsRunnerConfig, model: HookedRootModule) -> None:
-    hook = cfg.hook_name
-    hook_names = list(getattr(model, "hook_dict", {}))
-    if hook not in hook_names:
-        close = difflib.get_close_matches(hook, hook_names, n=3)
-        hint = f"Did you mean {', '.join(map(repr, close))}? " if close else ""
-        raise ValueError(
-            f"hook_name={hook!r} is not a hook of this model. {hint}The model has "
-            f"{len(hook_names)} hooks (see model.hook_dict), e.g. "
-            f"{', '.join(map(repr, hook_names[:3]))}."
+    for hook in cfg.all_hook_names:
+        field = (
+            f"hook_name={hook!r}"
+            if cfg.hook_names is None
+            else f"hook_names entry {hook!r}"
         )
-    if re.fullmatch(_NOT_PER_TOKEN_HOOKS, hook):
-        raise ValueError(
-            f"hook_name={hook!r} is an attention pattern, shaped (batch, head, "
-            "query_pos, key_pos), not one vector per token: pick a per-token hook "
-            "such as 'blocks.0.attn.hook_z' or 'blocks.0.hook_resid_post'."
-        )
+        _check_one_hook(field, hook, model)
     if not isinstance(model, HookedTransformer):
         return  # widths and n_ctx are only known for HookedTransformer
     mcfg = model.cfg
-    for pattern, flag in _FLAGGED_HOOKS:
-        if re.fullmatch(pattern, hook) and not getattr(mcfg, flag):
-            raise ValueError(
-                f"hook_name={hook!r} only fires when model.cfg.{flag} is True, and it "
-                f"is False: call model.set_{flag}(True) before caching, or pick "
-                "another hook."
-            )
     if cfg.context_size > mcfg.n_ctx:
         raise ValueError(
             f"context_size={cfg.context_size} is longer than the model's context "
             f"window (model.cfg.n_ctx={mcfg.n_ctx}): set context_size to at most "
             f"{mcfg.n_ctx}."
         )
+    hook = cfg.hook_name
     width = hook_width(model, hook)
     if width is not None and width[0] != cfg.d_in:
         raise ValueError(
             f"d_in={cfg.d_in} does not match hook_name={hook!r}, whose activations "
             f"have {width[0]} values per token ({width[1]}): set d_in={width[0]}."
         )
+
+
+def _check_one_hook(field: str, hook: str, model: HookedRootModule) -> None:
+    hook_names = list(getattr(model, "hook_dict", {}))
+    if hook not in hook_names:
+        close = difflib.get_close_matches(hook, hook_names, n=3)
+        hint = f"Did you mean {', '.join(map(repr, close))}? " if close else ""
+        raise ValueError(
+            f"{field} is not a hook of this model. {hint}The model has "
+            f"{len(hook_names)} hooks (see model.hook_dict), e.g. "
+            f"{', '.join(map(repr, hook_names[:3]))}."
+        )
+    if re.fullmatch(_NOT_PER_TOKEN_HOOKS, hook):
+        raise ValueError(
+            f"{field} is an attention pattern, shaped (batch, head, "
+            "query_pos, key_pos), not one vector per token: pick a per-token hook "
+            "such as 'blocks.0.attn.hook_z' or 'blocks.0.hook_resid_post'."
+        )
+    if not isinstance(model, HookedTransformer):
+        return
+    for pattern, flag in _FLAGGED_HOOKS:
+        if re.fullmatch(pattern, hook) and not getattr(model.cfg, flag):
+            raise ValueError(
+                f"{field} only fires when model.cfg.{flag} is True, and it "
+                f"is False: call model.set_{flag}(True) before caching, or pick "
+                "another hook."
+            )
 
 
 def hook_width(model: HookedTransformer, hook: str) -> tuple[int, str] | None:

@@ -163,6 +163,22 @@ def describe_cache(path: str | os.PathLike[str]) -> dict[str, Any]:
     from the manifest, or are counted in the Arrow files when there is none.
     """
     folder = _cache_folder(path)
+    manifest = _read_manifest(folder)
+    if manifest is not None and isinstance(manifest.get("hook_datasets"), dict):
+        # several hooks: the first hook's dataset stands for the rows and tokens
+        hooks = manifest["hook_datasets"]
+        first = describe_cache(folder / next(iter(hooks.values()))["folder"])
+        return {
+            **first,
+            "path": str(folder.absolute()),
+            "hook_name": manifest["config"].get("hook_name"),
+            "hook_datasets": {
+                hook: {**entry, "path": str((folder / entry["folder"]).absolute())}
+                for hook, entry in hooks.items()
+            },
+            "size_bytes": folder_bytes(folder),
+            "config": manifest["config"],
+        }
     for name in (STATE_FILE, INFO_FILE):
         if not (folder / name).is_file():
             raise FileNotFoundError(
@@ -260,6 +276,16 @@ def format_description(desc: dict[str, Any]) -> str:
             f"{len(desc['data_files'])} data files, {_human_bytes(desc['data_bytes'])}",
         ),
     ]
+    if desc.get("hook_datasets"):
+        pairs.append(
+            (
+                "datasets (one per hook)",
+                "; ".join(
+                    f"{hook}: d_in {entry['d_in']} in {entry['folder']}/"
+                    for hook, entry in desc["hook_datasets"].items()
+                ),
+            )
+        )
     facts = desc["manifest"] or {}
     shown = ("tool", "rows", "tokens")  # already in the lines above
     pairs += [(k, _fact_text(v)) for k, v in sorted(facts.items()) if k not in shown]
@@ -440,6 +466,10 @@ def verify_cache(
     folder = _cache_folder(path)
     report = VerifyReport(path=str(folder.absolute()), ok=False)
     manifest = _check_manifest(folder, report)
+    if manifest is not None and isinstance(manifest.get("hook_datasets"), dict):
+        return _verify_hook_datasets(
+            folder, manifest, report, model, rows, seed, atol, rtol
+        )
     config = manifest["config"] if manifest is not None else None
     features = _load_json_part(folder, INFO_FILE, report, _features_of)
     listed = _load_json_part(folder, STATE_FILE, report, _data_filenames)
@@ -457,6 +487,48 @@ def verify_cache(
         _rerun(dataset, model, config, expected, rows, seed, (atol, rtol), report)
     report.ok = not report.problems
     logger.info("Verified %s: %s", folder, "OK" if report.ok else report.problems)
+    return report
+
+
+def _verify_hook_datasets(
+    folder: Path,
+    manifest: dict[str, Any],
+    report: VerifyReport,
+    model: HookedRootModule | None,
+    rows: int,
+    seed: int,
+    atol: float | None,
+    rtol: float | None,
+) -> VerifyReport:
+    """A cache of several hooks: verify each hook's dataset, and that they hold the
+    same rows and the same `token_ids`."""
+    token_ids = None
+    for hook, entry in manifest["hook_datasets"].items():
+        sub = verify_cache(folder / entry["folder"], model, rows, seed, atol, rtol)
+        report.checks += [f"{hook}: {check}" for check in sub.checks]
+        report.skipped += [f"{hook}: {reason}" for reason in sub.skipped]
+        report.problems += [f"{hook}: {problem}" for problem in sub.problems]
+        if sub.rerun_rows:
+            report.rerun_rows = sub.rerun_rows
+            report.atol, report.rtol = sub.atol, sub.rtol
+            for name in ("max_abs_error", "max_rel_error", "activation_scale"):
+                values = [getattr(report, name), getattr(sub, name)]
+                known = [v for v in values if v is not None]
+                setattr(report, name, max(known) if known else None)
+        if not sub.ok:
+            continue
+        ids = Dataset.load_from_disk(str(folder / entry["folder"])).with_format(
+            "numpy"
+        )[TOKEN_IDS]
+        if token_ids is None:
+            token_ids = np.asarray(ids)
+        elif not np.array_equal(token_ids, np.asarray(ids)):
+            report.problems.append(
+                f"{hook}: its token_ids differ from the first hook's: the hooks' "
+                "rows no longer line up."
+            )
+    report.checks.append("same token_ids in every hook")
+    report.ok = not report.problems
     return report
 
 

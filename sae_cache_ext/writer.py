@@ -21,6 +21,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -49,14 +50,52 @@ def cache_features(
     )
 
 
+@dataclass(frozen=True)
+class CacheSchema:
+    """What the buffers hold and where the datasets go.
+
+    A buffer's activations are the hooks' activations side by side, `(rows, T, sum of
+    widths)`, so packing and permuting treat every hook alike. With `per_hook_folders`
+    each hook becomes its own dataset in the subfolder named after it, every one
+    with the same `token_ids`; otherwise one dataset holds every column.
+    """
+
+    hooks: tuple[tuple[str, int], ...]
+    context_size: int
+    dtype: str
+    per_hook_folders: bool = False
+
+    @property
+    def width(self) -> int:
+        return sum(width for _, width in self.hooks)
+
+    def hook_features(self, hook_name: str) -> Features:
+        width = dict(self.hooks)[hook_name]
+        return cache_features(hook_name, self.context_size, width, self.dtype)
+
+    @property
+    def features(self) -> Features:
+        """The schema of a buffer: every hook's column, then `token_ids`."""
+        columns = {
+            name: Array2D(shape=(self.context_size, width), dtype=self.dtype)
+            for name, width in self.hooks
+        }
+        ids = Sequence(Value(dtype="int32"), length=self.context_size)
+        return Features({**columns, TOKEN_IDS: ids})
+
+    @property
+    def outputs(self) -> list[tuple[str, Features]]:
+        """`(subfolder, schema)` of each dataset written ("" is the folder itself)."""
+        if not self.per_hook_folders:
+            return [("", self.features)]
+        return [(name, self.hook_features(name)) for name, _ in self.hooks]
+
+
 def _torch_to_numpy(tensor: torch.Tensor, dtype: str) -> np.ndarray:
     return tensor.detach().to("cpu").contiguous().numpy().astype(dtype, copy=False)
 
 
-def rows_to_table(
-    hook_name: str, acts_RTD: torch.Tensor, toks_RT: torch.Tensor, dtype: str
-) -> pa.Table:
-    """Build an Arrow table from tensors without going through Python objects."""
+def _array2d_column(acts_RTD: torch.Tensor, dtype: str) -> pa.ExtensionArray:
     n_rows, context_size, d_in = acts_RTD.shape
     values = pa.array(_torch_to_numpy(acts_RTD, dtype).reshape(-1))
     inner = pa.ListArray.from_arrays(
@@ -67,13 +106,32 @@ def rows_to_table(
         pa.array(np.arange(0, n_rows * context_size + 1, context_size, dtype=np.int32)),
         inner,
     )
-    acts_col = pa.ExtensionArray.from_storage(
+    return pa.ExtensionArray.from_storage(
         Array2DExtensionType(shape=(context_size, d_in), dtype=dtype), outer
     )
+
+
+def rows_to_table(
+    schema: CacheSchema, acts_RTD: torch.Tensor, toks_RT: torch.Tensor
+) -> pa.Table:
+    """Build an Arrow table from tensors without going through Python objects: one
+    column per hook (a slice of the last dimension each), then `token_ids`."""
+    if acts_RTD.shape[-1] != schema.width:
+        raise ValueError(
+            f"activations have width {acts_RTD.shape[-1]}, but the hooks "
+            f"{[name for name, _ in schema.hooks]} add up to {schema.width}."
+        )
+    columns, start = [], 0
+    for _, width in schema.hooks:
+        columns.append(
+            _array2d_column(acts_RTD[..., start : start + width], schema.dtype)
+        )
+        start += width
     toks_col = pa.FixedSizeListArray.from_arrays(
-        pa.array(_torch_to_numpy(toks_RT, "int32").reshape(-1)), context_size
+        pa.array(_torch_to_numpy(toks_RT, "int32").reshape(-1)), schema.context_size
     )
-    return pa.Table.from_arrays([acts_col, toks_col], names=[hook_name, TOKEN_IDS])
+    names = [name for name, _ in schema.hooks]
+    return pa.Table.from_arrays([*columns, toks_col], names=[*names, TOKEN_IDS])
 
 
 @dataclass
@@ -91,25 +149,43 @@ def write_tables(
 ) -> ShardInfo:
     """Write tables, one after another, as one Arrow stream at `path` (fsynced),
     holding only one of them in memory at a time, and checksum the file."""
-    schema = features.arrow_schema
-    rows = 0
-    digest = hashlib.sha256()
-    with open(path, "wb") as raw:
-        sink = pa.PythonFile(_HashingWriter(raw, digest), mode="w")
-        with pa.ipc.new_stream(sink, schema) as stream:
-            for table in tables:
-                table = table.cast(schema) if table.schema != schema else table
-                for batch in table.to_batches(max_chunksize=ROWS_PER_RECORD_BATCH):
+    return write_split_tables([(path, features)], tables)[0]
+
+
+def write_split_tables(
+    targets: list[tuple[Path, Features]], tables: Iterable[pa.Table]
+) -> list[ShardInfo]:
+    """Like `write_tables`, but each table's columns go to several files at once:
+    target `(path, features)` receives the columns `features` names."""
+    with ExitStack() as stack:
+        files = []
+        for path, features in targets:
+            raw = stack.enter_context(open(path, "wb"))
+            digest = hashlib.sha256()
+            sink = pa.PythonFile(_HashingWriter(raw, digest), mode="w")
+            stream = pa.ipc.new_stream(sink, features.arrow_schema)
+            files.append((raw, digest, stream, features.arrow_schema))
+        rows = 0
+        for table in tables:
+            for _, _, stream, schema in files:
+                part = table.select(schema.names) if len(targets) > 1 else table
+                part = part.cast(schema) if part.schema != schema else part
+                for batch in part.to_batches(max_chunksize=ROWS_PER_RECORD_BATCH):
                     stream.write_batch(batch)
-                rows += table.num_rows
-        raw.flush()
-        os.fsync(raw.fileno())
-    return ShardInfo(
-        filename=path.name,
-        rows=rows,
-        sha256=digest.hexdigest(),
-        nbytes=path.stat().st_size,
-    )
+            rows += table.num_rows
+        for raw, _, stream, _ in files:
+            stream.close()
+            raw.flush()
+            os.fsync(raw.fileno())
+    return [
+        ShardInfo(
+            filename=path.name,
+            rows=rows,
+            sha256=digest.hexdigest(),
+            nbytes=path.stat().st_size,
+        )
+        for (path, _), (_, digest, _, _) in zip(targets, files, strict=True)
+    ]
 
 
 class _HashingWriter(io.RawIOBase):
@@ -134,10 +210,9 @@ def write_table(path: Path, table: pa.Table, features: Features) -> ShardInfo:
 
 
 def gathered_tables(
-    hook_name: str,
+    schema: CacheSchema,
     acts_RTD: torch.Tensor,
     toks_RT: torch.Tensor,
-    dtype: str,
     order_N: torch.Tensor | None,
     rows_per_chunk: int = ROWS_PER_RECORD_BATCH,
 ) -> Iterator[pa.Table]:
@@ -146,7 +221,7 @@ def gathered_tables(
     reordering costs one chunk of memory, not a copy of the buffer."""
     n_rows, context_size, d_in = acts_RTD.shape
     if order_N is None:
-        yield rows_to_table(hook_name, acts_RTD, toks_RT, dtype)
+        yield rows_to_table(schema, acts_RTD, toks_RT)
         return
     acts_ND = acts_RTD.reshape(-1, d_in)
     toks_N = toks_RT.reshape(-1)
@@ -154,10 +229,9 @@ def gathered_tables(
         index = order_N[start * context_size : (start + rows_per_chunk) * context_size]
         rows = index.numel() // context_size
         yield rows_to_table(
-            hook_name,
+            schema,
             acts_ND[index].view(rows, context_size, d_in),
             toks_N[index].view(rows, context_size),
-            dtype,
         )
 
 

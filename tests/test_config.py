@@ -17,6 +17,7 @@ NEW_FIELDS = {
     "exclude_special_tokens": False,
     "shuffle_across_sequences": False,
     "on_dataset_exhausted": "warn",
+    "hook_names": None,
     "resume": False,
 }
 
