@@ -163,6 +163,28 @@ class Ledger:
         }
 
 
+def merge_summaries(summaries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several runs' `Ledger.summary()`s (the ranks of a data-parallel run) as one:
+    counts add up, `dataset_passes` is the most any run made."""
+    merged: dict[str, Any] = {}
+    for summary in summaries:
+        for key, value in summary.items():
+            if isinstance(value, dict):
+                counts = merged.setdefault(key, {})
+                for k, v in value.items():
+                    counts[k] = counts.get(k, 0) + v
+            elif key == "dataset_passes":
+                merged[key] = max(merged.get(key, 0), value)
+            else:
+                merged[key] = merged.get(key, 0) + value
+    for key, value in merged.items():
+        if key.endswith(("_histogram", "_by_length")):
+            merged[key] = {k: value[k] for k in sorted(value, key=_bucket_key)}
+        elif isinstance(value, dict):
+            merged[key] = dict(sorted(value.items()))
+    return merged
+
+
 def _sorted(counter: Counter[str]) -> dict[str, int]:
     return {k: counter[k] for k in sorted(counter, key=_bucket_key)}
 

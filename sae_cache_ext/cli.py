@@ -128,7 +128,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         "tokens_per_second": round(tokens / seconds, 1),
         "path": str(out),
     }
-    _print_summary("Cached activations", summary, args.json)
+    if runner.world.is_main:  # one summary for a data-parallel run
+        _print_summary("Cached activations", summary, args.json)
     return 0
 
 

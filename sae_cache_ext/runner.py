@@ -9,14 +9,18 @@ The data travels one way:
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset
+from datasets import Dataset, load_dataset
+from datasets.distributed import split_dataset_by_node
 from sae_lens import CacheActivationsRunner as _UpstreamRunner
 from sae_lens.cache_activations_runner import _mk_activations_store
 from sae_lens.load_model import load_model
@@ -33,6 +37,12 @@ from transformer_lens.hook_points import HookedRootModule
 
 from sae_cache_ext import accounting, checkpoints, hub, manifest, staging
 from sae_cache_ext.config import CacheActivationsRunnerConfig
+from sae_cache_ext.distributed import (
+    merge_rank_facts,
+    rank_device,
+    rows_of_rank,
+    world_from_env,
+)
 from sae_cache_ext.packing import (
     RowPacker,
     Stream,
@@ -47,9 +57,19 @@ from sae_cache_ext.shuffle import (
     choose_n_buckets,
 )
 from sae_cache_ext.validate import hook_width, validate_output_path, validate_run
-from sae_cache_ext.writer import BackgroundWriter, CacheSchema, WriterStats
+from sae_cache_ext.writer import (
+    BackgroundWriter,
+    CacheSchema,
+    WriterStats,
+    write_json_atomic,
+)
 
 logger = logging.getLogger(__name__)
+
+# In a data-parallel run, rank r caches into `<staging>/rank-0000r/` and writes
+# `done.json` there when its part is complete.
+RANK_FOLDER_PREFIX = "rank-"
+RANK_DONE = "done.json"
 
 
 class CacheActivationsRunner(_UpstreamRunner):
@@ -75,7 +95,9 @@ class CacheActivationsRunner(_UpstreamRunner):
         if not isinstance(cfg, CacheActivationsRunnerConfig):
             cfg = CacheActivationsRunnerConfig.from_upstream(cfg)
         self.cfg = cfg
-        self.quiet = quiet
+        self.world = world_from_env(cfg.device)
+        cfg.device = rank_device(cfg.device, self.world)
+        self.quiet = quiet or not self.world.is_main
         self.layout = staging.Layout.for_output(_output_path(cfg))
         # Refuse a bad output path before the model is even loaded (a crashed swap's
         # backup is left for `run` to sort out).
@@ -90,6 +112,8 @@ class CacheActivationsRunner(_UpstreamRunner):
         if override_model is None:
             raise ValueError(f"could not load model_name={cfg.model_name!r}")
         self.model: HookedRootModule = override_model
+        if self.world.distributed:
+            override_dataset = self._dataset_of_this_rank(override_dataset)
         # Every check that needs the model or the data, before any forward pass.
         validate_run(cfg, self.model, override_dataset)
         if cfg.compile_llm:
@@ -103,6 +127,8 @@ class CacheActivationsRunner(_UpstreamRunner):
         )
         self.exhausted = False
         self._rows_used = 0
+        self._rows_cached = 0
+        self._n_buckets = choose_n_buckets(cfg.n_buffers)
         self.activations_store = self._make_store(override_dataset)
         self.context_size = self._get_sliced_context_size(
             cfg.context_size, cfg.seqpos_slice
@@ -117,6 +143,24 @@ class CacheActivationsRunner(_UpstreamRunner):
         self.datasets: dict[str, Dataset] = {}
 
     # -- set-up -----------------------------------------------------------------------
+
+    def _dataset_of_this_rank(self, dataset: Dataset | None) -> Dataset:
+        """This rank's disjoint part of the dataset (`split_dataset_by_node`)."""
+        cfg = self.cfg
+        if dataset is None:
+            if cfg.dataset_path is None:
+                raise ValueError(
+                    "dataset_path must be set (or pass override_dataset) to cache."
+                )
+            # what sae-lens's store would load
+            dataset = load_dataset(  # type: ignore[assignment]
+                cfg.dataset_path, split="train", streaming=cfg.streaming
+            )
+        return split_dataset_by_node(  # type: ignore[return-value]
+            dataset,  # type: ignore[arg-type]
+            rank=self.world.rank,
+            world_size=self.world.size,
+        )
 
     def _resolve_excluded_ids(self) -> torch.Tensor | None:
         exclude = self.cfg.exclude_special_tokens
@@ -183,8 +227,36 @@ class CacheActivationsRunner(_UpstreamRunner):
 
     @property
     def n_rows_to_cache(self) -> int:
-        """`training_tokens` rounded down to whole rows: never more."""
-        return self.cfg.training_tokens // self.context_size
+        """This rank's rows: its share of `training_tokens` rounded down to whole
+        rows (never more); all of them in a single process."""
+        return rows_of_rank(self.cfg.training_tokens // self.context_size, self.world)
+
+    def _n_buffers_of_rank(self, rank: int) -> int:
+        total = self.cfg.training_tokens // self.context_size
+        return -(-rows_of_rank(total, self.world, rank) // self.cfg.n_seq_in_buffer)
+
+    @property
+    def n_buffers(self) -> int:
+        """This rank's buffers (the last may be partial)."""
+        return self._n_buffers_of_rank(self.world.rank)
+
+    @property
+    def first_buffer_number(self) -> int:
+        """The run-wide number of this rank's first buffer: the buffers of all
+        ranks are numbered in rank order, and each buffer's randomness is seeded
+        by its number, so the result depends on the config and world size only."""
+        return sum(self._n_buffers_of_rank(r) for r in range(self.world.rank))
+
+    @property
+    def fingerprint(self) -> str:
+        """`data_fingerprint`, and the world size when there are several ranks (the
+        split of the data, so the cache, depends on it)."""
+        fingerprint = self.cfg.data_fingerprint
+        return (
+            fingerprint
+            if not self.world.distributed
+            else f"{fingerprint}-w{self.world.size}"
+        )
 
     @property
     def n_tokens_to_cache(self) -> int:
@@ -271,7 +343,11 @@ class CacheActivationsRunner(_UpstreamRunner):
 
         acts_RTD, toks_RT = packer.fill(self.rows_in_buffer(index), pull)
         generator = (
-            seeded_generator(self.cfg.seed, index, Stream.TOKEN_PERMUTATION)
+            seeded_generator(
+                self.cfg.seed,
+                self.first_buffer_number + index,
+                Stream.TOKEN_PERMUTATION,
+            )
             if self.cfg.shuffle_across_sequences
             else None
         )
@@ -284,7 +360,7 @@ class CacheActivationsRunner(_UpstreamRunner):
                 folder,
                 self.schema,
                 seed=self.cfg.seed,
-                n_buckets=choose_n_buckets(self.cfg.n_buffers),
+                n_buckets=self._n_buckets,
             )
         return OrderedSink(folder, self.schema)
 
@@ -306,7 +382,7 @@ class CacheActivationsRunner(_UpstreamRunner):
                 disable=self.quiet,
             ) as progress,
         ):
-            for index in range(first, self.cfg.n_buffers):
+            for index in range(first, self.n_buffers):
                 if self.exhausted:
                     break
                 writer.reserve()
@@ -317,10 +393,11 @@ class CacheActivationsRunner(_UpstreamRunner):
                 except StopIteration:
                     writer.release()
                     break
+                self._rows_cached += toks_RT.shape[0]
                 progress_now = self._progress_snapshot(index + 1, packer)
 
                 def job(i=index, a=acts_RTD, t=toks_RT, o=order_N, p=progress_now):
-                    sink.write_buffer(i, a, t, o)
+                    sink.write_buffer(self.first_buffer_number + i, a, t, o)
                     checkpoints.save(folder, {**p, "sink": sink.state()})
 
                 writer.submit(job)
@@ -338,6 +415,7 @@ class CacheActivationsRunner(_UpstreamRunner):
             "phase": "caching",
             "buffers_done": buffers_done,
             "rows_used": self._rows_used,
+            "rows_cached": self._rows_cached,
             "exhausted": self.exhausted,
             "counts": self.ledger.batch_counts(),
             "carry": packer.carried(),
@@ -351,6 +429,7 @@ class CacheActivationsRunner(_UpstreamRunner):
         self._skip_rows(checkpoint["rows_used"])
         self.ledger.restore_batch_counts(checkpoint["counts"])
         self._rows_used = checkpoint["rows_used"]
+        self._rows_cached = checkpoint["rows_cached"]
         self.exhausted = checkpoint["exhausted"]
         if checkpoint["carry"] is not None:
             packer.add(*checkpoint["carry"])
@@ -400,25 +479,15 @@ class CacheActivationsRunner(_UpstreamRunner):
 
     @torch.no_grad()
     def run(self) -> Dataset:
+        if self.world.distributed:
+            return self._run_data_parallel()
         cfg = self.cfg
-        fingerprint = cfg.data_fingerprint
-        swap_finished, resumable = staging.recover(
-            self.layout, resume_fingerprint=fingerprint if cfg.resume else None
-        )
-        if (swap_finished or cfg.resume) and staging.is_our_finished_cache(
-            self.layout.final
-        ):
-            done = manifest.read_manifest(self.layout.final)
-            if done.get("fingerprint") == fingerprint:
-                logger.warning(
-                    "%s already holds this config's finished cache; returning it.",
-                    self.layout.final,
-                )
-                return self._publish(self._load_result())
-        staging.check_output_free(self.layout)
-
+        resumable, finished = self._recover()
+        if finished:
+            return self._publish(self._load_result())
+        self._n_buckets = choose_n_buckets(cfg.n_buffers)
         with staging.staging_area(
-            self.layout, fingerprint, reuse=resumable, keep_on_error=cfg.resume
+            self.layout, self.fingerprint, reuse=resumable, keep_on_error=cfg.resume
         ) as folder:
             if not staging.is_our_finished_cache(folder):
                 self._build(folder, checkpoints.load(folder) if resumable else None)
@@ -427,47 +496,234 @@ class CacheActivationsRunner(_UpstreamRunner):
         logger.info("Cached activations at %s", self.layout.final)
         return self._publish(self._load_result())
 
-    def _build(self, folder: Path, checkpoint: dict[str, Any] | None) -> None:
-        """Cache, shuffle and describe the dataset in the staging `folder`,
-        continuing from `checkpoint` if given."""
+    def _recover(self) -> tuple[bool, bool]:
+        """Clean up after an earlier run at the output path. Returns `(resumable,
+        finished)`: whether its staging folder can be continued, and whether the
+        output path already holds this config's finished cache."""
         cfg = self.cfg
-        started = time.perf_counter()
-        # Hashing the weights takes a second for a small model: do it beside the
-        # caching loop, not after it.
+        swap_finished, resumable = staging.recover(
+            self.layout, resume_fingerprint=self.fingerprint if cfg.resume else None
+        )
+        if (swap_finished or cfg.resume) and staging.is_our_finished_cache(
+            self.layout.final
+        ):
+            done = manifest.read_manifest(self.layout.final)
+            if done.get("fingerprint") == self.fingerprint:
+                logger.warning(
+                    "%s already holds this config's finished cache; returning it.",
+                    self.layout.final,
+                )
+                return resumable, True
+        staging.check_output_free(self.layout)
+        return resumable, False
+
+    def _start_run_facts(self) -> Future[dict[str, Any]]:
+        """How the activations are computed, for the manifest. Hashing the weights
+        takes a second for a small model: do it beside the caching loop."""
         hasher = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="sae-cache-ext-hash"
         )
-        run_facts = hasher.submit(manifest.run_facts, self.model, cfg)
+        facts = hasher.submit(manifest.run_facts, self.model, self.cfg)
         hasher.shutdown(wait=False)
+        return facts
+
+    def _build(self, folder: Path, checkpoint: dict[str, Any] | None) -> None:
+        """Cache, shuffle and describe the dataset in the staging `folder`,
+        continuing from `checkpoint` if given."""
+        run_facts = self._start_run_facts()
         marker = staging.read_marker(folder) or {}
+        if checkpoint is not None and checkpoint["phase"] == "gather":
+            sink = self._sink_from_gather_checkpoint(folder, checkpoint)
+            facts = {**checkpoint["facts"], "resumed": True}
+        else:
+            sink, facts = self._cache(folder, checkpoint)
+        self._finish(folder, sink, facts, marker, run_facts)
+
+    def _sink_from_gather_checkpoint(
+        self, folder: Path, checkpoint: dict[str, Any]
+    ) -> Sink:
         sink = self._make_sink(folder)
+        if isinstance(sink, BucketShuffleSink):
+            sink.resume_gather(checkpoint["sink"])
+        else:
+            sink.restore(checkpoint["sink"])
+        return sink
+
+    def _cache(
+        self, folder: Path, checkpoint: dict[str, Any] | None
+    ) -> tuple[Sink, dict[str, Any]]:
+        """Run the model over this process's buffers into a sink in `folder`
+        (continuing from a caching `checkpoint` if given); the sink and the facts."""
+        started = time.perf_counter()
+        sink = self._make_sink(folder)
+        packer = RowPacker(self.context_size)
+        first = 0
         if checkpoint is None:
             # a run killed before its first checkpoint may have left files
             sink.restore(sink.state())
-        if checkpoint is not None and checkpoint["phase"] == "gather":
-            if not isinstance(sink, BucketShuffleSink):
-                raise ValueError(f"{folder} holds a shuffle, but shuffle=False now.")
-            sink.resume_gather(checkpoint["sink"])
+        else:
+            first = self._resume_caching(checkpoint, sink, packer)
+        stats = self._cache_buffers(sink, packer, folder, first)
+        facts = {
+            "dataset_exhaustion": self._on_exhausted(),
+            "accounting": self.ledger.summary(),
+            "writer": {
+                "overflow_policy": "block the producer; never drop",
+                "stall_seconds": stats.stall_seconds,
+                "stalls": stats.stalls,
+                "max_queue_depth": stats.max_queue_depth,
+                "write_seconds": stats.write_seconds,
+            },
+            "caching_seconds": time.perf_counter() - started,
+            "resumed": checkpoint is not None,
+        }
+        return sink, facts
+
+    # -- data-parallel ----------------------------------------------------------------
+
+    def _run_data_parallel(self) -> Dataset:
+        """Every rank caches its part into its own folder of the shared staging
+        area; rank 0 then merges, shuffles, describes and swaps the whole."""
+        cfg, world = self.cfg, self.world
+        if world.is_main:
+            try:
+                resumable, finished = self._recover()
+            except BaseException as error:
+                world.broadcast({"error": f"{type(error).__name__}: {error}"})
+                raise
+            if finished:
+                world.broadcast({"finished": True})
+            else:
+                run_facts = self._start_run_facts()
+                with staging.staging_area(
+                    self.layout,
+                    self.fingerprint,
+                    reuse=resumable,
+                    keep_on_error=cfg.resume,
+                ) as folder:
+                    plan = {
+                        "folder": str(folder),
+                        "resumable": resumable,
+                        "built": staging.is_our_finished_cache(folder),
+                        "n_buckets": choose_n_buckets(cfg.n_buffers),
+                    }
+                    world.broadcast(plan)
+                    self._n_buckets = plan["n_buckets"]
+                    if not plan["built"]:
+                        self._cache_rank(folder, resumable)
+                        world.barrier()  # every rank has cached its part
+                        self._merge_ranks(folder, resumable, run_facts)
+                    checkpoints.remove(folder)
+                    staging.swap_into_place(self.layout)
+                logger.info("Cached activations at %s", self.layout.final)
+        else:
+            plan = world.broadcast(None)
+            if "error" in plan:
+                raise RuntimeError(f"Rank 0 could not start the run: {plan['error']}")
+            if not plan.get("finished") and not plan["built"]:
+                self._n_buckets = plan["n_buckets"]
+                self._cache_rank(Path(plan["folder"]), plan["resumable"])
+                world.barrier()
+        world.barrier()  # the cache is in place
+        return self._publish(self._load_result())
+
+    def _rank_folder(self, folder: Path, rank: int) -> Path:
+        return folder / f"{RANK_FOLDER_PREFIX}{rank:05d}"
+
+    def _cache_rank(self, folder: Path, resumable: bool) -> None:
+        """This rank's part, cached into its own folder of the staging area, with
+        `done.json` (its sink's files and its facts) written when complete."""
+        if resumable and checkpoints.load(folder) is not None:
+            return  # rank 0 had started merging: every part is cached
+        rank_folder = self._rank_folder(folder, self.world.rank)
+        done = rank_folder / RANK_DONE
+        if resumable and done.exists():
+            return
+        rank_folder.mkdir(exist_ok=True)
+        checkpoint = checkpoints.load(rank_folder) if resumable else None
+        sink, facts = self._cache(rank_folder, checkpoint)
+        sink.close()
+        facts["rows"] = self._rows_cached
+        write_json_atomic(done, {"sink": sink.state(), "facts": facts})
+
+    def _merge_ranks(
+        self, folder: Path, resumable: bool, run_facts: Future[dict[str, Any]]
+    ) -> None:
+        """Rank 0: move every rank's files into one sink (recorded in a checkpoint
+        before the rank folders go), then gather, describe and finish."""
+        marker = staging.read_marker(folder) or {}
+        checkpoint = checkpoints.load(folder) if resumable else None
+        if checkpoint is not None:
+            sink = self._sink_from_gather_checkpoint(folder, checkpoint)
             facts = {**checkpoint["facts"], "resumed": True}
         else:
-            packer = RowPacker(self.context_size)
-            first = 0
-            if checkpoint is not None:
-                first = self._resume_caching(checkpoint, sink, packer)
-            stats = self._cache_buffers(sink, packer, folder, first)
-            facts = {
-                "dataset_exhaustion": self._on_exhausted(),
-                "accounting": self.ledger.summary(),
-                "writer": {
-                    "overflow_policy": "block the producer; never drop",
-                    "stall_seconds": stats.stall_seconds,
-                    "stalls": stats.stalls,
-                    "max_queue_depth": stats.max_queue_depth,
-                    "write_seconds": stats.write_seconds,
+            ranks = [
+                json.loads((self._rank_folder(folder, r) / RANK_DONE).read_text())
+                for r in range(self.world.size)
+            ]
+            sink = self._make_sink(folder)
+            if isinstance(sink, BucketShuffleSink):
+                sink.restore(self._move_bucket_parts(folder, ranks))
+            else:
+                sink.restore(self._move_buffer_files(folder, ranks))
+            facts = merge_rank_facts([rank["facts"] for rank in ranks], self.world)
+            checkpoints.save(
+                folder,
+                {
+                    "phase": "gather",
+                    "sink": {**sink.state(), "gather": None},
+                    "facts": facts,
                 },
-                "caching_seconds": time.perf_counter() - started,
-                "resumed": checkpoint is not None,
-            }
+            )
+            for rank in range(self.world.size):
+                shutil.rmtree(self._rank_folder(folder, rank))
+        self._finish(folder, sink, facts, marker, run_facts)
+
+    def _move_bucket_parts(
+        self, folder: Path, ranks: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """Every rank's bucket files, moved into rank 0's bucket folder; bucket k's
+        parts in rank order. Returns the merged sink state."""
+        buckets = folder / "buckets"
+        parts: dict[str, list[list[Any]]] = {}
+        for rank, done in enumerate(ranks):
+            source = self._rank_folder(folder, rank) / "buckets"
+            for k, rank_parts in done["sink"]["parts"].items():
+                for name, size in rank_parts:
+                    merged = f"{RANK_FOLDER_PREFIX}{rank:05d}.{name}"
+                    if (source / name).exists():
+                        os.replace(source / name, buckets / merged)
+                    parts.setdefault(k, []).append([merged, size])
+        return {"session": 0, "parts": parts}
+
+    def _move_buffer_files(
+        self, folder: Path, ranks: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """Every rank's buffer files (named by run-wide buffer number), moved into
+        the staging folder. Returns the merged sink state."""
+        shards: dict[str, Any] = {}
+        for rank, done in enumerate(ranks):
+            source = self._rank_folder(folder, rank)
+            for number, infos in done["sink"]["shards"].items():
+                for (subdir, _), info in zip(self.schema.outputs, infos, strict=True):
+                    if (source / subdir / info["filename"]).exists():
+                        os.replace(
+                            source / subdir / info["filename"],
+                            folder / subdir / info["filename"],
+                        )
+                shards[number] = infos
+        return {"shards": shards}
+
+    def _finish(
+        self,
+        folder: Path,
+        sink: Sink,
+        facts: dict[str, Any],
+        marker: dict[str, Any],
+        run_facts: Future[dict[str, Any]],
+    ) -> None:
+        """Gather the shuffle (if any), then write the dataset files and manifest."""
+        cfg = self.cfg
         cached = time.perf_counter()
         shards = sink.finish(
             quiet=self.quiet,
@@ -537,7 +793,7 @@ class CacheActivationsRunner(_UpstreamRunner):
         return self.datasets[self.cfg.hook_name]
 
     def _publish(self, dataset: Dataset) -> Dataset:
-        if self.cfg.hf_repo_id:
+        if self.cfg.hf_repo_id and self.world.is_main:
             hub.push_cache(
                 dataset,
                 self.cfg.to_dict(),

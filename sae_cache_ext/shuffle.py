@@ -108,6 +108,9 @@ class OrderedSink:
         del tables, acts_RTD, toks_RT
         release_freed_memory()
 
+    def close(self) -> None:
+        """Nothing is held open between buffers."""
+
     def state(self) -> dict[str, Any]:
         """What a resumed run needs to know of the buffers written so far."""
         return {
@@ -250,6 +253,10 @@ class BucketShuffleSink:
         """Continue a gather that a crash interrupted."""
         self.restore(state)
         self._gather = state["gather"]
+
+    def close(self) -> None:
+        """Close the bucket files (another process is going to gather them)."""
+        self._close_streams()
 
     def _close_streams(self) -> None:
         for sink, stream in self._streams.values():

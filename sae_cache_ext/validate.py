@@ -187,7 +187,8 @@ def _finished_by_this_config(
     if not cfg.resume or not staging.is_our_finished_cache(layout.final):
         return False
     marker = staging.read_marker(layout.final) or {}
-    return marker.get("fingerprint") == cfg.data_fingerprint
+    # a data-parallel run adds its world size ("<fingerprint>-w<size>")
+    return str(marker.get("fingerprint")).split("-w")[0] == cfg.data_fingerprint
 
 
 def validate_output_path(cfg: CacheActivationsRunnerConfig) -> None:

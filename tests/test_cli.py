@@ -9,45 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from datasets import load_from_disk
 
 from sae_cache_ext.cli import main
-from sae_cache_ext.data import pydoc_corpus
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory, tokenizer_dir) -> Path:
-    """A tiny random Llama saved as a Hugging Face folder, with the toy tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    folder = tmp_path_factory.mktemp("models") / "tiny-hf"
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text("\n\n".join(pydoc_corpus()["text"][:400]))
-    return path
 
 
 def _config(tmp_path: Path, llama_dir: Path, text_file: Path, **extra) -> Path:

@@ -1,0 +1,143 @@
+"""Data-parallel caching: which rank this process is, and the few collectives used.
+
+Under `torchrun` (or any launcher that sets `RANK`, `WORLD_SIZE` and `MASTER_ADDR`),
+every rank reads its own part of the dataset, runs its own model replica and writes
+its buffers into its own folder inside the shared staging area; rank 0 then merges
+them into one dataset. Only three collectives are used, each carrying a small
+Python object: a broadcast of the plan from rank 0, a barrier once every rank has
+cached its part, and a barrier once the cache is in place.
+
+The backend is gloo on CPU and NCCL when the run's device is CUDA. A rank that dies
+makes the others fail at their next collective (and torchrun stops the job); the
+staging folder stays hidden, so no partial dataset is ever visible.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from sae_cache_ext.accounting import merge_summaries
+
+logger = logging.getLogger(__name__)
+
+# Rank 0 merges and shuffles every rank's output while the others wait at a
+# barrier; that can take long on a big cache, so the collectives wait long too.
+TIMEOUT = datetime.timedelta(hours=6)
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the ranks of a data-parallel run."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's `value`, on every rank."""
+        if not self.distributed:
+            return value
+        box = [value if self.is_main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def world_from_env(device: str) -> World:
+    """The `World` torchrun describes in the environment, with the process group
+    started if it is not yet (gloo on CPU, NCCL on CUDA); a single process
+    otherwise."""
+    if dist.is_available() and dist.is_initialized():
+        return World(
+            rank=dist.get_rank(),
+            size=dist.get_world_size(),
+            local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        )
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return World()
+    if not dist.is_available():
+        raise RuntimeError(
+            f"WORLD_SIZE={size} asks for a data-parallel run, but this torch build "
+            "has no torch.distributed."
+        )
+    backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, timeout=TIMEOUT)
+    world = World(
+        rank=dist.get_rank(),
+        size=dist.get_world_size(),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+    )
+    logger.info("Rank %d of %d (%s backend)", world.rank, world.size, backend)
+    return world
+
+
+def rank_device(device: str, world: World) -> str:
+    """`cuda` means this rank's own GPU (`cuda:LOCAL_RANK`) in a data-parallel run;
+    any other device is kept as it is."""
+    if world.distributed and device == "cuda":
+        return f"cuda:{world.local_rank}"
+    return device
+
+
+def rows_of_rank(total_rows: int, world: World, rank: int | None = None) -> int:
+    """How many of `total_rows` rows rank `rank` (default: this one) caches: an
+    even split, the first ranks taking one more when it does not divide."""
+    rank = world.rank if rank is None else rank
+    return total_rows // world.size + int(rank < total_rows % world.size)
+
+
+def merge_rank_facts(ranks: list[dict[str, Any]], world: World) -> dict[str, Any]:
+    """The facts each rank recorded about its caching, as one run's, plus a
+    `data_parallel` entry with the world size and every rank's counts."""
+    writers = [facts["writer"] for facts in ranks]
+    return {
+        "dataset_exhaustion": {
+            "exhausted": any(f["dataset_exhaustion"]["exhausted"] for f in ranks),
+            "repeats": max(f["dataset_exhaustion"]["repeats"] for f in ranks),
+        },
+        "accounting": merge_summaries([facts["accounting"] for facts in ranks]),
+        "writer": {
+            "overflow_policy": writers[0]["overflow_policy"],
+            "stall_seconds": sum(w["stall_seconds"] for w in writers),
+            "stalls": sum(w["stalls"] for w in writers),
+            "max_queue_depth": max(w["max_queue_depth"] for w in writers),
+            "write_seconds": sum(w["write_seconds"] for w in writers),
+        },
+        "caching_seconds": max(facts["caching_seconds"] for facts in ranks),
+        "resumed": any(facts["resumed"] for facts in ranks),
+        "data_parallel": {
+            "world_size": world.size,
+            "backend": dist.get_backend() if dist.is_initialized() else None,
+            "ranks": [
+                {
+                    "rank": rank,
+                    "rows": facts["rows"],
+                    "documents_read": facts["accounting"]["documents_read"],
+                    "source_tokens_read": facts["accounting"]["source_tokens_read"],
+                    "caching_seconds": facts["caching_seconds"],
+                    "exhausted": facts["dataset_exhaustion"]["exhausted"],
+                    "resumed": facts["resumed"],
+                }
+                for rank, facts in enumerate(ranks)
+            ],
+        },
+    }

@@ -1,0 +1,47 @@
+"""One rank of a data-parallel run under torchrun: `sae-cache-ext run CONFIG`, with
+this rank killed (SIGKILL) before its n-th buffer write when asked.
+
+    torchrun ... tests/dp_child.py CONFIG [--kill-rank R --kill-at N --kill-in F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+from sae_cache_ext import shuffle
+from sae_cache_ext.cli import main
+
+
+def _kill_on_call(owner: object, name: str, n: int) -> None:
+    real = getattr(owner, name)
+    calls = 0
+
+    def wrapper(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+
+    setattr(owner, name, wrapper)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("config")
+    parser.add_argument("--kill-rank", type=int)
+    parser.add_argument("--kill-at", type=int, default=2)
+    parser.add_argument(
+        "--kill-in", choices=["write_buffer", "write_tables"], default="write_buffer"
+    )
+    args = parser.parse_args()
+    if args.kill_rank is not None and int(os.environ["RANK"]) == args.kill_rank:
+        if args.kill_in == "write_buffer":  # a buffer of this rank's caching
+            for sink in (shuffle.BucketShuffleSink, shuffle.OrderedSink):
+                _kill_on_call(sink, "write_buffer", args.kill_at)
+        else:  # a shard of rank 0's merge (the shuffle's gather)
+            _kill_on_call(shuffle, "write_tables", args.kill_at)
+    sys.exit(main(["run", args.config, "--quiet"]))
