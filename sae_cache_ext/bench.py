@@ -14,6 +14,13 @@ Arms (each run alone in its own process):
     forward-only       the same batches from the ActivationsStore, nothing written;
                        pipeline efficiency = forward-only time / an arm's time
 
+With `--hooks`, two more arms compare caching four hooks (four hook points of the
+last block; see the setups) in one forward pass against four single-hook runs:
+
+    ours-4-hooks       our runner with hook_names = the four hooks, as `ours`
+    ours-each-hook     four runs of `ours`, one per hook, one after another in the
+                       same process (its wall time is their total)
+
 Arms alternate within each repeat (upstream, ours, upstream+persist, forward-only,
 upstream, ours, ...). Each run is a fresh process forked from one server process that
 has imported torch/sae-lens but never run anything, so imports (15-20 s here) are paid
@@ -24,7 +31,7 @@ writes come from `/proc/self/io`, peak disk use from a thread that sums the run
 folder's file sizes every `--disk-interval` seconds.
 
     sae-cache-ext bench [--model tiny|smollm2|both] [--repeats 3] [--threads 1]
-                        [--json PATH] [--quick]
+                        [--hooks] [--json PATH] [--quick]
 """
 
 from __future__ import annotations
@@ -54,6 +61,10 @@ OURS = "ours"
 PERSIST = "upstream+persist"
 FORWARD = "forward-only"
 ARMS = (UPSTREAM, OURS, PERSIST, FORWARD)
+HOOKS_ONE_PASS = "ours-4-hooks"
+HOOKS_EACH = "ours-each-hook"
+HOOK_ARMS = (HOOKS_ONE_PASS, HOOKS_EACH)
+ALL_ARMS = (*ARMS, *HOOK_ARMS)
 MODELS = ("tiny", "smollm2")
 MB = 1e6
 
@@ -102,6 +113,8 @@ class ModelSetup:
     batch_size: int
     n_buffers: int
     batches_per_buffer: int
+    hook_set: tuple[str, ...] = ()
+    """Four hooks of the same width as `hook_name`, for the `--hooks` arms."""
 
     @classmethod
     def sized(cls, name: str, tokens: int, n_buffers: int, **fields: Any) -> ModelSetup:
@@ -160,6 +173,17 @@ def tiny_setup(tokens: int) -> ModelSetup:
         d_in=D_MODEL,
         context_size=64,
         batch_size=32,
+        hook_set=_block_hooks(1),
+    )
+
+
+def _block_hooks(block: int) -> tuple[str, ...]:
+    """Four d_model-wide hook points of one block: what one forward pass to that
+    block computes anyway (a fair case; hooks spread over depth let single-hook
+    runs stop earlier)."""
+    return tuple(
+        f"blocks.{block}.hook_{name}"
+        for name in ("resid_pre", "attn_out", "mlp_out", "resid_post")
     )
 
 
@@ -172,6 +196,7 @@ def smollm2_setup(tokens: int) -> ModelSetup:
         d_in=576,
         context_size=128,
         batch_size=8,
+        hook_set=_block_hooks(15),
     )
 
 
@@ -367,28 +392,66 @@ def _arm_upstream(
     return record
 
 
-def _arm_ours(
-    setup: ModelSetup, model: Any, corpus: Any, run_dir: Path, interval: float
-) -> dict[str, Any]:
-    from sae_cache_ext import manifest
+def _ours_runner(
+    setup: ModelSetup, model: Any, corpus: Any, out: Path, **fields: Any
+) -> Any:
     from sae_cache_ext.config import CacheActivationsRunnerConfig
     from sae_cache_ext.runner import CacheActivationsRunner
 
     cfg = CacheActivationsRunnerConfig(
-        **_config_kwargs(setup, run_dir / "out"),
-        shuffle_across_sequences=True,
-        on_dataset_exhausted="repeat",
+        **{
+            **_config_kwargs(setup, out),
+            "shuffle_across_sequences": True,
+            "on_dataset_exhausted": "repeat",
+            **fields,
+        }
     )
     _check_sizes(cfg, setup)
-    runner = CacheActivationsRunner(
+    return CacheActivationsRunner(
         cfg, override_dataset=corpus, override_model=model, quiet=True
     )
+
+
+def _arm_ours(
+    setup: ModelSetup, model: Any, corpus: Any, run_dir: Path, interval: float
+) -> dict[str, Any]:
+    from sae_cache_ext import manifest
+
+    runner = _ours_runner(setup, model, corpus, run_dir / "out")
     with measure(run_dir, interval) as record:
         dataset = runner.run()
     record["tokens"] = len(dataset) * runner.context_size
     done = manifest.read_manifest(run_dir / "out")
     record["ours_timings"] = done.get("timings")
     record["ours_writer"] = done.get("writer")
+    return record
+
+
+def _arm_hooks(
+    setup: ModelSetup,
+    model: Any,
+    corpus: Any,
+    run_dir: Path,
+    interval: float,
+    one_pass: bool,
+) -> dict[str, Any]:
+    """The four hooks of `setup.hook_set`: one run with hook_names, or one run per
+    hook in turn (timed together). `tokens` counts the tokens of one run."""
+    hooks = list(setup.hook_set)
+    if one_pass:
+        runners = [
+            _ours_runner(setup, model, corpus, run_dir / "out", hook_names=hooks)
+        ]
+    else:
+        runners = [
+            _ours_runner(setup, model, corpus, run_dir / f"out-{i}", hook_name=hook)
+            for i, hook in enumerate(hooks)
+        ]
+    with measure(run_dir, interval) as record:
+        for runner in runners:
+            dataset = runner.run()
+    record["tokens"] = len(dataset) * runners[0].context_size
+    record["hooks"] = hooks
     return record
 
 
@@ -471,6 +534,8 @@ def _run_arm(job: dict[str, Any]) -> dict[str, Any]:
         record = _arm_upstream(*args, persist=True)
     elif arm == OURS:
         record = _arm_ours(*args)
+    elif arm in HOOK_ARMS:
+        record = _arm_hooks(*args, one_pass=arm == HOOKS_ONE_PASS)
     else:
         record = _arm_forward_only(*args)
     record.update(load_seconds=load_seconds, pid=os.getpid())
@@ -785,6 +850,8 @@ class Target:
     metric: str
     threshold: float
     stretch: float | None = None
+    at_most: bool = False
+    """The target is a ceiling (a time ratio), not a floor."""
 
     def measured(self, report: dict[str, Any]) -> float | None:
         if self.compare == "efficiency":
@@ -801,13 +868,18 @@ TARGETS = (
            "tokens_per_second", 1.3),
     Target("smollm2", "smollm2: our pipeline efficiency", "efficiency",
            "wall_seconds", 0.97),
+    Target("tiny", "tiny: 4 hooks in one pass / 4 runs, wall time",
+           f"{HOOKS_ONE_PASS}/{HOOKS_EACH}", "wall_seconds", 0.4, at_most=True),
+    Target("smollm2", "smollm2: 4 hooks in one pass / 4 runs, wall time",
+           f"{HOOKS_ONE_PASS}/{HOOKS_EACH}", "wall_seconds", 0.4, at_most=True),
 )  # fmt: skip
 
 
-def _verdict(value: float | None, threshold: float) -> str:
+def _verdict(value: float | None, threshold: float, at_most: bool = False) -> str:
     if value is None:
         return "not measured"
-    return "MET" if value >= threshold else "NOT MET"
+    met = value <= threshold if at_most else value >= threshold
+    return "MET" if met else "NOT MET"
 
 
 def build_report(runs: list[dict[str, Any]], arms: list[str]) -> dict[str, Any]:
@@ -834,6 +906,11 @@ def build_report(runs: list[dict[str, Any]], arms: list[str]) -> dict[str, Any]:
             for base in RATIO_BASES
             if OURS in arms_of and base in arms_of
         }
+        if HOOKS_ONE_PASS in arms_of and HOOKS_EACH in arms_of:
+            ratios[model][f"{HOOKS_ONE_PASS}/{HOOKS_EACH}"] = {
+                key: _ratio(arms_of[HOOKS_ONE_PASS][key], arms_of[HOOKS_EACH][key])
+                for key, _ in METRICS
+            }
         if FORWARD in arms_of:
             forward = arms_of[FORWARD]["wall_seconds"]
             efficiency[model] = {
@@ -872,7 +949,7 @@ def _evaluate(target: Target, report: dict[str, Any]) -> dict[str, Any]:
     return {
         **asdict(target),
         "measured": value,
-        "verdict": _verdict(value, target.threshold),
+        "verdict": _verdict(value, target.threshold, target.at_most),
         "stretch_verdict": None
         if target.stretch is None
         else _verdict(value, target.stretch),
@@ -959,7 +1036,7 @@ def format_report(report: dict[str, Any]) -> str:
     lines += ["", "targets:"]
     width = max(len(t["label"]) for t in report["targets"])
     for t in report["targets"]:
-        goal = f">= {t['threshold']:g}" + (
+        goal = f"{'<=' if t.get('at_most') else '>='} {t['threshold']:g}" + (
             f" (stretch {t['stretch']:g})" if t["stretch"] else ""
         )
         verdict = t["verdict"]
@@ -1000,7 +1077,14 @@ def add_parser(subparsers: Any) -> None:
     bench.add_argument(
         "--arms",
         default=",".join(ARMS),
-        help=f"comma-separated arms to run, in this order (default {','.join(ARMS)})",
+        help=f"comma-separated arms to run, in this order (default {','.join(ARMS)}; "
+        f"also {', '.join(HOOK_ARMS)})",
+    )
+    bench.add_argument(
+        "--hooks",
+        action="store_true",
+        help=f"also run {' and '.join(HOOK_ARMS)}: four hooks in one pass against "
+        "four single-hook runs",
     )
     bench.add_argument(
         "--disk-interval",
@@ -1025,9 +1109,11 @@ def add_parser(subparsers: Any) -> None:
 def plan_from_args(args: argparse.Namespace) -> BenchPlan:
     """The plan the options ask for, with errors that name the option."""
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    unknown = [a for a in arms if a not in ARMS]
+    if getattr(args, "hooks", False):
+        arms += HOOK_ARMS
+    unknown = [a for a in arms if a not in ALL_ARMS]
     if unknown or not arms:
-        raise ValueError(f"--arms {args.arms!r}: choose from {', '.join(ARMS)}.")
+        raise ValueError(f"--arms {args.arms!r}: choose from {', '.join(ALL_ARMS)}.")
     for option, value in (("--repeats", args.repeats), ("--threads", args.threads)):
         if value < 1:
             raise ValueError(f"{option} must be at least 1, got {value}.")

@@ -66,6 +66,30 @@ def test_report_takes_medians_and_divides_ours_by_each_upstream_arm():
     assert report["warnings"] == []
 
 
+def test_four_hooks_target_is_a_ceiling_on_the_wall_time_ratio():
+    runs = [
+        *(_run("tiny", bench.HOOKS_ONE_PASS, w) for w in (3.0, 2.0, 9.0)),  # 3 s
+        *(_run("tiny", bench.HOOKS_EACH, w) for w in (10.0, 8.0, 12.0)),  # 10 s
+        *(
+            _run("smollm2", bench.HOOKS_ONE_PASS, 5.0),
+            _run("smollm2", bench.HOOKS_EACH, 10.0),
+        ),
+    ]
+    report = bench.build_report(runs, list(bench.ALL_ARMS))
+    ratio = report["ratios"]["tiny"]["ours-4-hooks/ours-each-hook"]
+    assert ratio["wall_seconds"] == pytest.approx(0.3)
+    verdicts = {t["label"]: t for t in report["targets"]}
+    assert verdicts["tiny: 4 hooks in one pass / 4 runs, wall time"]["verdict"] == "MET"
+    # 5 / 10 = 0.5 is above the 0.4 ceiling
+    assert (
+        verdicts["smollm2: 4 hooks in one pass / 4 runs, wall time"]["verdict"]
+        == "NOT MET"
+    )
+    assert "<= 0.4" in bench.format_report(report)
+    plan = bench.plan_from_args(_parse("--arms", "ours", "--hooks"))
+    assert plan.arms == ["ours", *bench.HOOK_ARMS]
+
+
 def test_report_warns_when_arms_cached_different_token_counts():
     short = {**_run("tiny", bench.OURS, 1.0), "tokens": 500}
     report = bench.build_report(
