@@ -66,6 +66,7 @@ HOOKS_EACH = "ours-each-hook"
 HOOK_ARMS = (HOOKS_ONE_PASS, HOOKS_EACH)
 ALL_ARMS = (*ARMS, *HOOK_ARMS)
 MODELS = ("tiny", "smollm2")
+TINY_WIDTH = 32
 MB = 1e6
 
 # Medians reported per arm: (key in a run record, table header).
@@ -162,15 +163,13 @@ class ModelSetup:
         )
 
 
-def tiny_setup(tokens: int) -> ModelSetup:
-    from sae_cache_ext.toy import D_MODEL
-
+def tiny_setup(tokens: int, width: int = TINY_WIDTH) -> ModelSetup:
     return ModelSetup.sized(
         "tiny",
         tokens,
         n_buffers=8,
         hook_name="blocks.1.hook_resid_post",
-        d_in=D_MODEL,
+        d_in=width,
         context_size=64,
         batch_size=32,
         hook_set=_block_hooks(1),
@@ -480,7 +479,7 @@ def _load_model(setup: ModelSetup, tokenizer_dir: str | None) -> Any:
 
         if tokenizer_dir is None:
             raise RuntimeError("the tiny model needs the prepared tokenizer folder")
-        return build_model(Path(tokenizer_dir))
+        return build_model(Path(tokenizer_dir), d_model=setup.d_in)
     from sae_cache_ext.models import load_smollm2_hooked
 
     return load_smollm2_hooked()
@@ -1075,6 +1074,12 @@ def add_parser(subparsers: Any) -> None:
         "--tiny-tokens", type=int, default=524_288, help="tiny tokens (default 524288)"
     )
     bench.add_argument(
+        "--tiny-width",
+        type=int,
+        default=TINY_WIDTH,
+        help=f"the tiny model's d_model (default {TINY_WIDTH})",
+    )
+    bench.add_argument(
         "--arms",
         default=",".join(ARMS),
         help=f"comma-separated arms to run, in this order (default {','.join(ARMS)}; "
@@ -1126,7 +1131,9 @@ def plan_from_args(args: argparse.Namespace) -> BenchPlan:
     if args.quick:
         models, repeats, tiny_tokens = ["tiny"], 1, QUICK_TINY_TOKENS
     setups = [
-        tiny_setup(tiny_tokens) if m == "tiny" else smollm2_setup(args.tokens)
+        tiny_setup(tiny_tokens, args.tiny_width)
+        if m == "tiny"
+        else smollm2_setup(args.tokens)
         for m in models
     ]
     return BenchPlan(

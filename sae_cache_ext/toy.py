@@ -47,8 +47,9 @@ def build_tokenizer(folder: Path) -> Path:
     return folder
 
 
-def build_model(tokenizer_dir: Path, seed: int = 0):
-    """A random 2-layer HookedTransformer using the local tokenizer."""
+def build_model(tokenizer_dir: Path, seed: int = 0, d_model: int = D_MODEL):
+    """A random 2-layer HookedTransformer using the local tokenizer (4 heads,
+    d_mlp = 2 x d_model)."""
     import torch
     from transformer_lens import HookedTransformer, HookedTransformerConfig
     from transformers import PreTrainedTokenizerFast
@@ -56,11 +57,11 @@ def build_model(tokenizer_dir: Path, seed: int = 0):
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
     cfg = HookedTransformerConfig(
         n_layers=2,
-        d_model=D_MODEL,
+        d_model=d_model,
         n_ctx=N_CTX,
-        d_head=8,
+        d_head=d_model // 4,
         n_heads=4,
-        d_mlp=64,
+        d_mlp=2 * d_model,
         d_vocab=len(tokenizer),
         act_fn="gelu",
         normalization_type="LN",
