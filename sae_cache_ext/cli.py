@@ -104,12 +104,16 @@ def _load_dataset(cfg: CacheActivationsRunnerConfig):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from sae_cache_ext.distributed import rank_device, world_from_env
     from sae_cache_ext.runner import CacheActivationsRunner
     from sae_cache_ext.verify import folder_bytes
 
     values = apply_overrides(load_config_file(args.config), args.set or [])
     cfg = build_config(values)
     started = time.perf_counter()
+    # under torchrun: join the process group first, so that `device: cuda` loads
+    # the model on this rank's own GPU
+    cfg.device = rank_device(cfg.device, world_from_env(cfg.device))
     model = _load_model(cfg)
     dataset = _load_dataset(cfg)
     runner = CacheActivationsRunner(

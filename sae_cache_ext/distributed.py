@@ -80,6 +80,9 @@ def world_from_env(device: str) -> World:
             "has no torch.distributed."
         )
     backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+    if backend == "nccl":
+        # NCCL collectives run on the current device: make it this rank's GPU
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend=backend, timeout=TIMEOUT)
     world = World(
         rank=dist.get_rank(),

@@ -9,11 +9,13 @@ The data travels one way:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -101,7 +103,10 @@ class CacheActivationsRunner(_UpstreamRunner):
         self.layout = staging.Layout.for_output(_output_path(cfg))
         # Refuse a bad output path before the model is even loaded (a crashed swap's
         # backup is left for `run` to sort out).
-        validate_output_path(cfg)
+        # (only rank 0 of a data-parallel run: it sorts out an earlier run's
+        # leftovers, which the others must not trip over meanwhile)
+        if self.world.is_main:
+            validate_output_path(cfg)
         if override_model is None:
             override_model = load_model(
                 model_class_name=cfg.model_class_name,
@@ -115,7 +120,7 @@ class CacheActivationsRunner(_UpstreamRunner):
         if self.world.distributed:
             override_dataset = self._dataset_of_this_rank(override_dataset)
         # Every check that needs the model or the data, before any forward pass.
-        validate_run(cfg, self.model, override_dataset)
+        validate_run(cfg, self.model, override_dataset, check_output=self.world.is_main)
         if cfg.compile_llm:
             self.model = torch.compile(self.model, mode=cfg.llm_compilation_mode)  # type: ignore[assignment]
         self.exclude_ids = self._resolve_excluded_ids()
@@ -595,12 +600,7 @@ class CacheActivationsRunner(_UpstreamRunner):
                 world.broadcast({"finished": True})
             else:
                 run_facts = self._start_run_facts()
-                with staging.staging_area(
-                    self.layout,
-                    self.fingerprint,
-                    reuse=resumable,
-                    keep_on_error=cfg.resume,
-                ) as folder:
+                with self._staging_or_broadcast_error(resumable) as folder:
                     plan = {
                         "folder": str(folder),
                         "resumable": resumable,
@@ -626,6 +626,25 @@ class CacheActivationsRunner(_UpstreamRunner):
                 world.barrier()
         world.barrier()  # the cache is in place
         return self._publish(self._load_result())
+
+    @contextlib.contextmanager
+    def _staging_or_broadcast_error(self, resumable: bool) -> Iterator[Path]:
+        """Rank 0's staging area; if it cannot be made, the other ranks are told
+        (they wait for the plan) before the error is raised."""
+        area = staging.staging_area(
+            self.layout,
+            self.fingerprint,
+            reuse=resumable,
+            keep_on_error=self.cfg.resume,
+        )
+        try:
+            folder = area.__enter__()
+        except BaseException as error:
+            self.world.broadcast({"error": f"{type(error).__name__}: {error}"})
+            raise
+        with contextlib.ExitStack() as stack:
+            stack.push(area)
+            yield folder
 
     def _rank_folder(self, folder: Path, rank: int) -> Path:
         return folder / f"{RANK_FOLDER_PREFIX}{rank:05d}"
@@ -667,6 +686,7 @@ class CacheActivationsRunner(_UpstreamRunner):
             else:
                 sink.restore(self._move_buffer_files(folder, ranks))
             facts = merge_rank_facts([rank["facts"] for rank in ranks], self.world)
+            facts["resumed"] = facts["resumed"] or resumable
             checkpoints.save(
                 folder,
                 {
@@ -675,8 +695,10 @@ class CacheActivationsRunner(_UpstreamRunner):
                     "facts": facts,
                 },
             )
-            for rank in range(self.world.size):
-                shutil.rmtree(self._rank_folder(folder, rank))
+        # every rank's files are in the sink now (a resumed merge may find some
+        # rank folders left by a crash in this very loop)
+        for rank in range(self.world.size):
+            shutil.rmtree(self._rank_folder(folder, rank), ignore_errors=True)
         self._finish(folder, sink, facts, marker, run_facts)
 
     def _move_bucket_parts(
@@ -768,7 +790,10 @@ class CacheActivationsRunner(_UpstreamRunner):
                     marker,
                     {**config, "hook_name": hook, "d_in": width},
                     shards=shards[hook],
-                    **{**common, "run": {**common["run"], "hook_name": hook}},
+                    **{
+                        **common,
+                        "run": {**common["run"], "hook_name": hook, "d_in": width},
+                    },
                 )
             common["hook_datasets"] = {
                 hook: {"folder": hook, "d_in": width, "rows": rows}

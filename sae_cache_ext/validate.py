@@ -641,6 +641,7 @@ def validate_run(
     cfg: CacheActivationsRunnerConfig,
     model: HookedRootModule,
     dataset: Dataset | IterableDataset | None,
+    check_output: bool = True,
 ) -> None:
     """Check a whole run before it starts: no forward pass, nothing written.
 
@@ -649,7 +650,8 @@ def validate_run(
     `FileExistsError` or `PermissionError` with the field to change.
     """
     validate_config(cfg)
-    validate_output_path(cfg)
+    if check_output:
+        validate_output_path(cfg)
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd model
     _check_device(cfg, model)
     _check_hook(cfg, model)

@@ -165,9 +165,11 @@ def describe_cache(path: str | os.PathLike[str]) -> dict[str, Any]:
     folder = _cache_folder(path)
     manifest = _read_manifest(folder)
     if manifest is not None and isinstance(manifest.get("hook_datasets"), dict):
-        # several hooks: the first hook's dataset stands for the rows and tokens
+        # several hooks: hook_name's dataset stands for the rows and tokens
         hooks = manifest["hook_datasets"]
-        first = describe_cache(folder / next(iter(hooks.values()))["folder"])
+        primary = manifest["config"].get("hook_name")
+        entry = hooks.get(primary) or next(iter(hooks.values()))
+        first = describe_cache(folder / entry["folder"])
         return {
             **first,
             "path": str(folder.absolute()),

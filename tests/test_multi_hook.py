@@ -245,3 +245,18 @@ def test_resume_gives_the_uninterrupted_hooks(
 
 def _interrupt() -> None:
     raise RuntimeError("interrupted")
+
+
+def test_the_top_folder_is_described_by_hook_name_whatever_its_place(
+    tmp_path, tiny_model, corpus
+):
+    hooks = ["blocks.0.mlp.hook_post", PRIMARY]
+    cfg = CacheActivationsRunnerConfig(**default_cfg_kwargs(tmp_path, hook_names=hooks))
+    CacheActivationsRunner(
+        cfg, override_dataset=corpus, override_model=tiny_model, quiet=True
+    ).run()
+    out = tmp_path / "cache"
+    described = describe_cache(out)
+    assert (described["hook_name"], described["d_in"]) == (PRIMARY, 32)
+    mlp = json.loads((out / "blocks.0.mlp.hook_post" / MARKER).read_text())
+    assert (mlp["run"]["hook_name"], mlp["run"]["d_in"]) == (hooks[0], 64)
