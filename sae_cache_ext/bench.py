@@ -999,6 +999,7 @@ def _model_section(model: str, report: dict[str, Any]) -> list[str]:
             "",
             *_table(["ratio (of medians)", *(t for _, t in METRICS)], ratio_rows),
         ]
+    out += _regime_lines(summary)
     out += ["", "per-run wall s / CPU s (in run order):"]
     for arm in summary:
         times = [
@@ -1008,6 +1009,43 @@ def _model_section(model: str, report: dict[str, Any]) -> list[str]:
         ]
         out.append(f"  {arm:<18} " + "  ".join(times))
     return out
+
+
+def regime(summary: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """How much of upstream's time is not the forward pass, and so the most any
+    runner that must run the same forward could gain: an arm's wall time over
+    forward-only's is the ceiling of ours' tokens/s ratio against that arm."""
+    if FORWARD not in summary:
+        return {}
+    forward = summary[FORWARD]["wall_seconds"]
+    out: dict[str, float | None] = {}
+    if UPSTREAM in summary:
+        upstream = summary[UPSTREAM]["wall_seconds"]
+        out["upstream_non_forward_share"] = (
+            None if not upstream else 1 - forward / upstream
+        )
+    for arm in (UPSTREAM, PERSIST):
+        if arm in summary:
+            out[f"ceiling_vs_{arm}"] = _ratio(summary[arm]["wall_seconds"], forward)
+    return out
+
+
+def _regime_lines(summary: dict[str, dict[str, Any]]) -> list[str]:
+    facts = regime(summary)
+    if "upstream_non_forward_share" not in facts:
+        return []
+    share = facts["upstream_non_forward_share"]
+    ceilings = ", ".join(
+        f"vs {arm} {_cell(facts.get(f'ceiling_vs_{arm}'), 3)}"
+        for arm in (UPSTREAM, PERSIST)
+        if f"ceiling_vs_{arm}" in facts
+    )
+    return [
+        "",
+        f"regime: {_cell(None if share is None else 100 * share)}% of upstream's wall "
+        "time is not the forward pass; the highest tokens/s ratio a runner doing the "
+        f"same forward could reach (arm time / forward-only time): {ceilings}",
+    ]
 
 
 def _setup_fields(setup: dict[str, Any]) -> dict[str, Any]:

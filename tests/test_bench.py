@@ -58,6 +58,15 @@ def test_report_takes_medians_and_divides_ours_by_each_upstream_arm():
     assert report["efficiency"]["tiny"][bench.OURS] == pytest.approx(0.88)
     assert report["efficiency"]["tiny"][bench.UPSTREAM] == pytest.approx(2.2 / 3)
 
+    # forward-only takes 2.2 s of upstream's 3 s and of upstream+persist's 5 s
+    facts = bench.regime(report["summary"]["tiny"])
+    assert facts["upstream_non_forward_share"] == pytest.approx(0.8 / 3)
+    assert facts["ceiling_vs_upstream"] == pytest.approx(3 / 2.2)
+    assert facts["ceiling_vs_upstream+persist"] == pytest.approx(5 / 2.2)
+    assert "26.7% of upstream's wall time is not the forward pass" in (
+        bench.format_report(report)
+    )
+
     verdicts = {t["label"]: t for t in report["targets"]}
     vs_upstream = verdicts["tiny: ours tokens/s vs upstream"]
     assert (vs_upstream["verdict"], vs_upstream["stretch_verdict"]) == ("MET", "MET")
