@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import sae_lens
 import sae_lens.cache_activations_runner as upstream_module
+import yaml
 from datasets import Dataset, load_from_disk
 
 from sae_cache_ext import CacheActivationsRunner, CacheActivationsRunnerConfig
@@ -58,3 +59,26 @@ def columns(
         (hook,) = [c for c in dataset.column_names if c != "token_ids"]
     numpy_ds = dataset.with_format("numpy")
     return np.asarray(numpy_ds[hook]), np.asarray(numpy_ds["token_ids"])
+
+
+def cli_config(folder: Path, llama_dir: Path, text_file: Path, **extra: Any) -> Path:
+    """A `sae-cache-ext run` YAML config in `folder`: the tiny Llama folder on the
+    text file, 16-token rows, 2 batches of 4 rows a buffer, 384 tokens, shuffled."""
+    values = {
+        "model_name": str(llama_dir),
+        "dataset_path": str(text_file),
+        "hook_name": "blocks.1.hook_resid_post",
+        "d_in": 32,
+        "context_size": 16,
+        "model_batch_size": 4,
+        "training_tokens": 384,
+        "buffer_size_gb": (2 * 4 * 16 * 32 * 4 + 0.5) / 1e9,
+        "new_cached_activations_path": str(folder / "cache"),
+        "shuffle": True,
+        "device": "cpu",
+        **extra,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "cfg.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path

@@ -13,29 +13,13 @@ import yaml
 from datasets import load_from_disk
 
 from sae_cache_ext.cli import main
+from tests.helpers import cli_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _config(tmp_path: Path, llama_dir: Path, text_file: Path, **extra) -> Path:
-    values = {
-        "model_name": str(llama_dir),
-        "dataset_path": str(text_file),
-        "hook_name": "blocks.1.hook_resid_post",
-        "d_in": 32,
-        "context_size": 16,
-        "model_batch_size": 4,
-        "training_tokens": 384,
-        "buffer_size_gb": (2 * 4 * 16 * 32 * 4 + 0.5) / 1e9,
-        "new_cached_activations_path": str(tmp_path / "cache"),
-        "shuffle": True,
-        "device": "cpu",
-        **extra,
-    }
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(values))
-    return path
+    return cli_config(tmp_path, llama_dir, text_file, **extra)
 
 
 def test_run_caches_and_prints_a_summary(tmp_path, llama_dir, text_file, capsys):

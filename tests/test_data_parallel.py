@@ -24,7 +24,7 @@ from sae_cache_ext.data import load_local_dataset
 from sae_cache_ext.distributed import World, rows_of_rank
 from sae_cache_ext.models import load_local_model
 from sae_cache_ext.staging import MARKER, Layout
-from tests.helpers import columns
+from tests.helpers import cli_config, columns
 
 ROOT = Path(__file__).resolve().parent.parent
 HOOK = "blocks.1.hook_resid_post"
@@ -33,24 +33,8 @@ TRAINING_TOKENS = 45 * 16
 
 
 def _config(folder: Path, llama_dir: Path, text_file: Path, **extra) -> Path:
-    values = {
-        "model_name": str(llama_dir),
-        "dataset_path": str(text_file),
-        "hook_name": HOOK,
-        "d_in": 32,
-        "context_size": 16,
-        "model_batch_size": 4,
-        "training_tokens": TRAINING_TOKENS,
-        "buffer_size_gb": (2 * 4 * 16 * 32 * 4 + 0.5) / 1e9,
-        "new_cached_activations_path": str(folder / "cache"),
-        "shuffle": False,
-        "device": "cpu",
-        **extra,
-    }
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "cfg.yaml"
-    path.write_text(yaml.safe_dump(values))
-    return path
+    defaults = {"hook_name": HOOK, "training_tokens": TRAINING_TOKENS, "shuffle": False}
+    return cli_config(folder, llama_dir, text_file, **{**defaults, **extra})
 
 
 def _torchrun(

@@ -349,3 +349,36 @@ def test_sae_lens_store_reads_the_cache(make_cfg, tiny_model, corpus):
     assert torch.equal(
         toks, on_disk[: cfg.model_batch_size]["token_ids"].reshape(-1).long()
     )
+
+
+def test_pretokenized_rows_equal_upstream_bit_for_bit(
+    tmp_path, tiny_model, corpus, monkeypatch
+):
+    """Rows are read a batch at a time here, one at a time by sae-lens's store: the
+    same rows in the same order either way (72 rows of 24 tokens, context 16)."""
+    from datasets import Dataset
+
+    ids = tiny_model.tokenizer("\n".join(corpus["text"][:200]))["input_ids"]
+    rows = Dataset.from_dict(
+        {"tokens": [ids[i : i + 24] for i in range(0, 72 * 24, 24)]}
+    )
+    assert len(rows) == 72
+    overrides = {"training_tokens": 48 * 16}  # 6 buffers: 48 of the 72 rows
+    ours = run_ours(
+        __import__("sae_cache_ext").CacheActivationsRunnerConfig(
+            **default_cfg_kwargs(tmp_path / "ours", **overrides)
+        ),
+        tiny_model,
+        rows,
+    )
+    theirs = run_upstream(
+        default_cfg_kwargs(tmp_path / "theirs", **overrides),
+        tiny_model,
+        rows,
+        monkeypatch,
+    )
+    acts, toks = columns(ours, HOOK)
+    up_acts, up_toks = columns(theirs, HOOK)
+    assert acts.shape == (48, 16, 32)
+    assert acts.tobytes() == up_acts.tobytes()
+    assert np.array_equal(toks, up_toks)
