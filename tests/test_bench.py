@@ -63,7 +63,7 @@ def test_report_takes_medians_and_divides_ours_by_each_upstream_arm():
     assert facts["upstream_non_forward_share"] == pytest.approx(0.8 / 3)
     assert facts["ceiling_vs_upstream"] == pytest.approx(3 / 2.2)
     assert facts["ceiling_vs_upstream+persist"] == pytest.approx(5 / 2.2)
-    assert "26.7% of upstream's wall time is not the forward pass" in (
+    assert "26.7% of upstream's wall time is neither its forward pass" in (
         bench.format_report(report)
     )
 
