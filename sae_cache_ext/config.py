@@ -179,6 +179,17 @@ class CacheActivationsRunnerConfig(_UpstreamConfig):
         blob = json.dumps(values, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
+    def run_fingerprint(self, world_size: int = 1) -> str:
+        """`data_fingerprint`, and the number of processes when there are several
+        (their split of the data, so the cache, depends on it)."""
+        fingerprint = self.data_fingerprint
+        return fingerprint if world_size == 1 else f"{fingerprint}-w{world_size}"
+
+    @staticmethod
+    def data_fingerprint_of(run_fingerprint: str) -> str:
+        """The `data_fingerprint` part of a `run_fingerprint`."""
+        return run_fingerprint.split("-w")[0]
+
     @classmethod
     def from_upstream(
         cls, upstream: _UpstreamConfig, **new_fields: Any

@@ -9,7 +9,6 @@ The data travels one way:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -261,12 +260,7 @@ class CacheActivationsRunner(_UpstreamRunner):
     def fingerprint(self) -> str:
         """`data_fingerprint`, and the world size when there are several ranks (the
         split of the data, so the cache, depends on it)."""
-        fingerprint = self.cfg.data_fingerprint
-        return (
-            fingerprint
-            if not self.world.distributed
-            else f"{fingerprint}-w{self.world.size}"
-        )
+        return self.cfg.run_fingerprint(self.world.size)
 
     @property
     def n_tokens_to_cache(self) -> int:
@@ -495,7 +489,6 @@ class CacheActivationsRunner(_UpstreamRunner):
         resumable, finished = self._recover()
         if finished:
             return self._publish(self._load_result())
-        self._n_buckets = choose_n_buckets(cfg.n_buffers)
         with staging.staging_area(
             self.layout, self.fingerprint, reuse=resumable, keep_on_error=cfg.resume
         ) as folder:
@@ -596,31 +589,39 @@ class CacheActivationsRunner(_UpstreamRunner):
         area; rank 0 then merges, shuffles, describes and swaps the whole."""
         cfg, world = self.cfg, self.world
         if world.is_main:
+            plan_sent = False
             try:
                 resumable, finished = self._recover()
+                if finished:
+                    plan_sent = True
+                    world.broadcast({"finished": True})
+                else:
+                    run_facts = self._start_run_facts()
+                    with staging.staging_area(
+                        self.layout,
+                        self.fingerprint,
+                        reuse=resumable,
+                        keep_on_error=cfg.resume,
+                    ) as folder:
+                        plan = {
+                            "folder": str(folder),
+                            "resumable": resumable,
+                            "built": staging.is_our_finished_cache(folder),
+                            "n_buckets": self._n_buckets,
+                        }
+                        plan_sent = True
+                        world.broadcast(plan)
+                        if not plan["built"]:
+                            self._cache_rank(folder, resumable)
+                            world.barrier()  # every rank has cached its part
+                            self._merge_ranks(folder, resumable, run_facts)
+                        checkpoints.remove(folder)
+                        staging.swap_into_place(self.layout)
+                    logger.info("Cached activations at %s", self.layout.final)
             except BaseException as error:
-                world.broadcast({"error": f"{type(error).__name__}: {error}"})
+                if not plan_sent:  # the other ranks are waiting for the plan
+                    world.broadcast({"error": f"{type(error).__name__}: {error}"})
                 raise
-            if finished:
-                world.broadcast({"finished": True})
-            else:
-                run_facts = self._start_run_facts()
-                with self._staging_or_broadcast_error(resumable) as folder:
-                    plan = {
-                        "folder": str(folder),
-                        "resumable": resumable,
-                        "built": staging.is_our_finished_cache(folder),
-                        "n_buckets": choose_n_buckets(cfg.n_buffers),
-                    }
-                    world.broadcast(plan)
-                    self._n_buckets = plan["n_buckets"]
-                    if not plan["built"]:
-                        self._cache_rank(folder, resumable)
-                        world.barrier()  # every rank has cached its part
-                        self._merge_ranks(folder, resumable, run_facts)
-                    checkpoints.remove(folder)
-                    staging.swap_into_place(self.layout)
-                logger.info("Cached activations at %s", self.layout.final)
         else:
             plan = world.broadcast(None)
             if "error" in plan:
@@ -631,25 +632,6 @@ class CacheActivationsRunner(_UpstreamRunner):
                 world.barrier()
         world.barrier()  # the cache is in place
         return self._publish(self._load_result())
-
-    @contextlib.contextmanager
-    def _staging_or_broadcast_error(self, resumable: bool) -> Iterator[Path]:
-        """Rank 0's staging area; if it cannot be made, the other ranks are told
-        (they wait for the plan) before the error is raised."""
-        area = staging.staging_area(
-            self.layout,
-            self.fingerprint,
-            reuse=resumable,
-            keep_on_error=self.cfg.resume,
-        )
-        try:
-            folder = area.__enter__()
-        except BaseException as error:
-            self.world.broadcast({"error": f"{type(error).__name__}: {error}"})
-            raise
-        with contextlib.ExitStack() as stack:
-            stack.push(area)
-            yield folder
 
     def _rank_folder(self, folder: Path, rank: int) -> Path:
         return folder / f"{RANK_FOLDER_PREFIX}{rank:05d}"

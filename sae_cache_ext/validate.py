@@ -187,8 +187,10 @@ def _finished_by_this_config(
     if not cfg.resume or not staging.is_our_finished_cache(layout.final):
         return False
     marker = staging.read_marker(layout.final) or {}
-    # a data-parallel run adds its world size ("<fingerprint>-w<size>")
-    return str(marker.get("fingerprint")).split("-w")[0] == cfg.data_fingerprint
+    # of any world size (a data-parallel run's fingerprint names it)
+    return (
+        cfg.data_fingerprint_of(str(marker.get("fingerprint"))) == cfg.data_fingerprint
+    )
 
 
 def validate_output_path(cfg: CacheActivationsRunnerConfig) -> None:
