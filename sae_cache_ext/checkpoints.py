@@ -1,10 +1,13 @@
 """A resumable run's progress, saved in its staging folder after every step.
 
-`checkpoint.json` says where the run is (which buffers are written, how far the
-store has read, what the sink holds); tensors carried from one buffer to the next
-go beside it in a `carry-*.pt` file that the checkpoint names. Each is written
-under a new name or replaced atomically, so a crash leaves the previous checkpoint
-or the new one, never a mix.
+One dataclass, `Checkpoint`, says where the run is: in the caching phase, the
+producer's state (which buffers are built, how far the source has read, the tokens
+carried to the next buffer) and the sink's (what is on disk); in the gather phase,
+the sink's state with the gather's progress and the caching facts for the manifest.
+`checkpoint.json` holds it; tensors carried from one buffer to the next go beside it
+in a `carry-*.pt` file that the checkpoint names. Each is written under a new name
+or replaced atomically, so a crash leaves the previous checkpoint or the new one,
+never a mix.
 """
 
 from __future__ import annotations
@@ -12,43 +15,85 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import asdict, dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from sae_cache_ext.producer import ProducerState
+from sae_cache_ext.shuffle import SinkState, sink_state_from_json
+from sae_cache_ext.source import SourceState
 from sae_cache_ext.writer import write_json_atomic
 
 CHECKPOINT = "checkpoint.json"
 CARRY_PREFIX = "carry-"
 
 
-def save(folder: Path, state: dict[str, Any]) -> None:
-    """Save `state`; a `carry` entry (tensors or None) goes to its own file, named
-    in the checkpoint, so the JSON never points at another checkpoint's carry."""
-    state = dict(state)
-    carry = state.pop("carry", None)
-    state["carry"] = None
-    if carry is not None:
-        name = f"{CARRY_PREFIX}{time.time_ns()}.pt"
-        tmp = folder / (name + ".tmp")
-        torch.save(carry, tmp)
-        os.replace(tmp, folder / name)
-        state["carry"] = name
-    write_json_atomic(folder / CHECKPOINT, state)
+class Phase(str, Enum):
+    CACHING = "caching"  # buffers are being built and written
+    GATHER = "gather"  # every buffer is written; the sink is finishing
+
+
+@dataclass
+class Checkpoint:
+    phase: Phase
+    sink: SinkState
+    producer: ProducerState | None = None  # in the caching phase
+    facts: dict[str, Any] | None = None  # in the gather phase: the caching facts
+
+
+def save(folder: Path, checkpoint: Checkpoint) -> None:
+    """Save `checkpoint`; the producer's carried tensors go to their own file,
+    named in the checkpoint, so the JSON never points at another checkpoint's."""
+    producer = checkpoint.producer
+    carry_name = None
+    if producer is not None and producer.carry is not None:
+        carry_name = f"{CARRY_PREFIX}{time.time_ns()}.pt"
+        tmp = folder / (carry_name + ".tmp")
+        torch.save(producer.carry, tmp)
+        os.replace(tmp, folder / carry_name)
+    value = {
+        "phase": checkpoint.phase.value,
+        "sink": checkpoint.sink.to_json(),
+        "producer": None
+        if producer is None
+        else {
+            "buffers_done": producer.buffers_done,
+            "rows_cached": producer.rows_cached,
+            "source": None if producer.source is None else asdict(producer.source),
+        },
+        "carry": carry_name,
+        "facts": checkpoint.facts,
+    }
+    write_json_atomic(folder / CHECKPOINT, value)
     for old in folder.glob(f"{CARRY_PREFIX}*"):  # the ones no checkpoint names now
-        if old.name != state["carry"]:
+        if old.name != carry_name:
             old.unlink(missing_ok=True)
 
 
-def load(folder: Path) -> dict[str, Any] | None:
-    """The last saved state, with `carry` loaded back, or None if there is none."""
+def load(folder: Path) -> Checkpoint | None:
+    """The last saved checkpoint, or None if there is none."""
     try:
-        state = json.loads((folder / CHECKPOINT).read_text())
+        value = json.loads((folder / CHECKPOINT).read_text())
     except FileNotFoundError:
         return None
-    state["carry"] = torch.load(folder / state["carry"]) if state.get("carry") else None
-    return state
+    producer = None
+    if value["producer"] is not None:
+        p = value["producer"]
+        producer = ProducerState(
+            buffers_done=p["buffers_done"],
+            rows_cached=p["rows_cached"],
+            source=None if p["source"] is None else SourceState(**p["source"]),
+            carry=torch.load(folder / value["carry"]) if value["carry"] else None,
+        )
+    return Checkpoint(
+        phase=Phase(value["phase"]),
+        sink=sink_state_from_json(value["sink"]),
+        producer=producer,
+        facts=value["facts"],
+    )
 
 
 def remove(folder: Path) -> None:

@@ -18,7 +18,7 @@ import torch
 from datasets import Features
 
 from sae_cache_ext.staging import MARKER, STATE_COMPLETE
-from sae_cache_ext.writer import ShardInfo, write_json_atomic
+from sae_cache_ext.writer import CacheSchema, ShardInfo, write_json_atomic
 
 MANIFEST_FORMAT = 1
 _PACKAGES = ("sae-cache-ext", "sae-lens", "transformer-lens", "torch", "datasets")
@@ -83,6 +83,42 @@ def finish_manifest(
     }
     write_json_atomic(folder / MARKER, manifest)
     return manifest
+
+
+def write_cache_description(
+    folder: Path,
+    schema: CacheSchema,
+    shards: dict[str, list[ShardInfo]],
+    marker: dict[str, Any],
+    config: dict[str, Any],
+    facts: dict[str, Any],
+) -> None:
+    """Write every dataset's metadata files and manifest in the staging `folder`.
+
+    With one folder per hook, each hook's folder is a cache of its own (its manifest
+    says which hook and width), and the top-level manifest, written last, lists them
+    and marks the whole as finished. `facts` go into every manifest."""
+    for subdir, features in schema.outputs:
+        write_dataset_metadata(folder / subdir, shards[subdir], features)
+    if schema.per_hook_folders:
+        rows = sum(s.rows for s in next(iter(shards.values())))
+        for hook, width in schema.hooks:
+            finish_manifest(
+                folder / hook,
+                marker,
+                {**config, "hook_name": hook, "d_in": width},
+                shards=shards[hook],
+                **{**facts, "run": {**facts["run"], "hook_name": hook, "d_in": width}},
+            )
+        facts = {
+            **facts,
+            "hook_datasets": {
+                hook: {"folder": hook, "d_in": width, "rows": rows}
+                for hook, width in schema.hooks
+            },
+            "rows": rows,
+        }
+    finish_manifest(folder, marker, config, shards=shards.get("", []), **facts)
 
 
 def weights_sha256(model: torch.nn.Module) -> str:

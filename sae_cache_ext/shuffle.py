@@ -20,7 +20,7 @@ import logging
 import os
 import resource
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +45,107 @@ logger = logging.getLogger(__name__)
 
 # Arrow allocations go through glibc, so `release_freed_memory` can return them.
 _POOL = pa.system_memory_pool()
-# Called with a sink's state after each step, to record it for a resumed run.
-Checkpoint = Callable[[dict[str, Any]], None]
 MIN_BUCKETS = 4
 MAX_BUCKETS = 1024
 # Shards of every dataset a sink writes, by subfolder ("" is the folder itself).
 Shards = dict[str, list[ShardInfo]]
+
+
+def _shards_to_json(shards: Shards) -> dict[str, Any]:
+    return {d: [asdict(s) for s in infos] for d, infos in shards.items()}
+
+
+def _shards_from_json(value: dict[str, Any]) -> Shards:
+    return {d: [ShardInfo(**s) for s in infos] for d, infos in value.items()}
+
+
+@dataclass
+class OrderedState:
+    """The buffers an ordered sink has written: run-wide number -> one shard per
+    dataset (in `CacheSchema.outputs` order)."""
+
+    shards: dict[int, list[ShardInfo]]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "shards": {
+                str(i): [asdict(info) for info in infos]
+                for i, infos in self.shards.items()
+            }
+        }
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> OrderedState:
+        return cls(
+            {
+                int(i): [ShardInfo(**v) for v in infos]
+                for i, infos in value["shards"].items()
+            }
+        )
+
+
+@dataclass
+class GatherState:
+    """How far the gather is: the buckets to gather, in order, and the shards
+    written so far."""
+
+    buckets: list[int]
+    done: Shards
+
+    def to_json(self) -> dict[str, Any]:
+        return {"buckets": self.buckets, "done": _shards_to_json(self.done)}
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> GatherState:
+        return cls(list(value["buckets"]), _shards_from_json(value["done"]))
+
+
+@dataclass
+class BucketState:
+    """A bucket sink's part files with their sizes, and its gather's progress.
+
+    `session` numbers the part files of each run (a first run, then each resume)."""
+
+    session: int
+    parts: dict[int, list[tuple[str, int]]]  # bucket -> [(part file, bytes)]
+    gather: GatherState | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "session": self.session,
+            "parts": {
+                str(k): [[name, size] for name, size in parts]
+                for k, parts in self.parts.items()
+            },
+            "gather": None if self.gather is None else self.gather.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> BucketState:
+        gather = value.get("gather")
+        return cls(
+            session=int(value["session"]),
+            parts={
+                int(k): [(str(name), int(size)) for name, size in parts]
+                for k, parts in value["parts"].items()
+            },
+            gather=None if gather is None else GatherState.from_json(gather),
+        )
+
+
+SinkState = OrderedState | BucketState
+
+
+def sink_state_from_json(value: dict[str, Any]) -> SinkState:
+    return (
+        BucketState.from_json(value)
+        if "parts" in value
+        else OrderedState.from_json(value)
+    )
+
+
+# Called with a sink's state after each gathered shard, to record it for a resume.
+Checkpoint = Callable[[BucketState], None]
 
 
 def shard_name(index: int, total: int) -> str:
@@ -111,26 +206,33 @@ class OrderedSink:
     def close(self) -> None:
         """Nothing is held open between buffers."""
 
-    def state(self) -> dict[str, Any]:
+    def state(self) -> OrderedState:
         """What a resumed run needs to know of the buffers written so far."""
-        return {
-            "shards": {
-                str(i): [asdict(info) for info in infos]
-                for i, infos in self._shards.items()
-            }
-        }
+        return OrderedState(dict(self._shards))
 
-    def restore(self, state: dict[str, Any]) -> None:
+    def restore(self, state: OrderedState) -> None:
         """Take back the written buffers; drop files of buffers written later."""
-        self._shards = {
-            int(i): [ShardInfo(**v) for v in infos]
-            for i, infos in state["shards"].items()
-        }
+        self._shards = dict(state.shards)
         known = {f"buffer-{i:05d}.arrow" for i in self._shards}
         for subdir, _ in self.schema.outputs:
             for path in (self.folder / subdir).glob("buffer-*.arrow"):
                 if path.name not in known:
                     path.unlink()
+
+    def merge(self, parts: list[tuple[Path, OrderedState]]) -> None:
+        """Take over the buffers other sinks wrote in their own folders (named by
+        run-wide buffer number, so they never collide), moving their files here."""
+        shards: dict[int, list[ShardInfo]] = {}
+        for source, state in parts:
+            for number, infos in state.shards.items():
+                for (subdir, _), info in zip(self.schema.outputs, infos, strict=True):
+                    if (source / subdir / info.filename).exists():
+                        os.replace(
+                            source / subdir / info.filename,
+                            self.folder / subdir / info.filename,
+                        )
+                shards[number] = infos
+        self.restore(OrderedState(shards))
 
     def finish(
         self, quiet: bool = False, checkpoint: Checkpoint | None = None
@@ -180,7 +282,7 @@ class BucketShuffleSink:
         self._streams: dict[
             int, tuple[pa.NativeFile, pa.ipc.RecordBatchStreamWriter]
         ] = {}
-        self._gather: dict[str, Any] | None = None
+        self._gather: GatherState | None = None
 
     def _stream(self, k: int) -> pa.ipc.RecordBatchStreamWriter:
         if k not in self._streams:
@@ -218,41 +320,52 @@ class BucketShuffleSink:
         del acts_RTD, toks_RT
         release_freed_memory()
 
-    def state(self) -> dict[str, Any]:
+    def state(self) -> BucketState:
         """The part files and their sizes now (every write so far is in them)."""
         sizes = {
             self._parts[k][-1]: sink.tell() for k, (sink, _) in self._streams.items()
         }
-        return {
-            "session": self._session,
-            "parts": {
-                str(k): [
-                    [name, sizes.get(name, (self._bucket_dir / name).stat().st_size)]
+        return BucketState(
+            session=self._session,
+            parts={
+                k: [
+                    (name, sizes.get(name, (self._bucket_dir / name).stat().st_size))
                     for name in names
                 ]
                 for k, names in self._parts.items()
             },
-        }
+            gather=self._gather,
+        )
 
-    def restore(self, state: dict[str, Any]) -> None:
+    def restore(self, state: BucketState) -> None:
         """Cut every part back to its size at the checkpoint, drop later files, and
-        write further buffers to new parts."""
-        self._session = int(state["session"]) + 1
+        write further buffers to new parts (or continue the gather it records)."""
+        self._session = state.session + 1
         self._parts = {}
         keep = set()
-        for k, parts in state["parts"].items():
+        for k, parts in state.parts.items():
             for name, size in parts:
                 os.truncate(self._bucket_dir / name, size)
-                self._parts.setdefault(int(k), []).append(name)
+                self._parts.setdefault(k, []).append(name)
                 keep.add(name)
         for path in self._bucket_dir.iterdir():
             if path.name not in keep:
                 path.unlink()
+        self._gather = state.gather
 
-    def resume_gather(self, state: dict[str, Any]) -> None:
-        """Continue a gather that a crash interrupted."""
-        self.restore(state)
-        self._gather = state["gather"]
+    def merge(self, parts: list[tuple[Path, BucketState]]) -> None:
+        """Take over the bucket files other sinks wrote in their own folders: part
+        `name` of the sink in folder `f` becomes `<f's name>.<name>` here, bucket
+        k's parts in the order given."""
+        merged: dict[int, list[tuple[str, int]]] = {}
+        for source, state in parts:
+            for k, bucket_parts in state.parts.items():
+                for name, size in bucket_parts:
+                    moved = f"{source.name}.{name}"
+                    if (source / "buckets" / name).exists():
+                        os.replace(source / "buckets" / name, self._bucket_dir / moved)
+                    merged.setdefault(k, []).append((moved, size))
+        self.restore(BucketState(session=0, parts=merged))
 
     def close(self) -> None:
         """Close the bucket files (another process is going to gather them)."""
@@ -276,10 +389,10 @@ class BucketShuffleSink:
 
         After each shard, `checkpoint(state)` records progress for a resumed run."""
         self._close_streams()
-        gather = self._gather or {"buckets": sorted(self._parts), "done": {}}
-        filled: list[int] = gather["buckets"]
+        gather = self._gather or GatherState(sorted(self._parts), {})
+        filled = gather.buckets
         shards: Shards = {
-            subdir: [ShardInfo(**info) for info in gather["done"].get(subdir, [])]
+            subdir: list(gather.done.get(subdir, []))
             for subdir, _ in self.schema.outputs
         }
         first = len(next(iter(shards.values())))
@@ -312,9 +425,10 @@ class BucketShuffleSink:
             # read a bucket that was being deleted
             gathered = self._parts.pop(k)
             if checkpoint is not None:
-                done = {d: [asdict(s) for s in infos] for d, infos in shards.items()}
-                gather = {**gather, "done": done}
-                checkpoint({**self.state(), "gather": gather})
+                self._gather = GatherState(
+                    filled, {d: list(i) for d, i in shards.items()}
+                )
+                checkpoint(self.state())
             for part in gathered:
                 (self._bucket_dir / part).unlink()
             release_freed_memory()

@@ -67,6 +67,16 @@ def is_our_finished_cache(folder: Path) -> bool:
     return marker is not None and marker.get("state") == STATE_COMPLETE
 
 
+def holds_finished_cache(folder: Path, fingerprint: str) -> bool:
+    """Whether `folder` holds the finished cache of the run with `fingerprint`."""
+    marker = read_marker(folder)
+    return (
+        marker is not None
+        and marker.get("state") == STATE_COMPLETE
+        and marker.get("fingerprint") == fingerprint
+    )
+
+
 def _belongs_to(marker: dict[str, Any] | None, layout: Layout) -> bool:
     return marker is not None and marker.get("final_path") == str(layout.final)
 

@@ -306,7 +306,6 @@ def test_a_buffers_token_permutation_does_not_depend_on_earlier_buffers(
 ):
     # Caching 1 buffer or 3: the first buffer's rows (before the row shuffle) are
     # the same, because its generator is seeded by (seed, 0) alone.
-    from sae_cache_ext.packing import RowPacker
 
     cfg3 = make_cfg(shuffle=True, shuffle_across_sequences=True)
     one_buffer = cfg3.n_seq_in_buffer * cfg3.sliced_context_size
@@ -321,9 +320,8 @@ def test_a_buffers_token_permutation_does_not_depend_on_earlier_buffers(
         runner = CacheActivationsRunner(
             cfg, override_dataset=corpus, override_model=tiny_model
         )
-        packer = RowPacker(runner.context_size)
-        _, toks_RT, order_N = runner._buffer_rows(packer, 0)
-        firsts.append(toks_RT.reshape(-1)[order_N])
+        buffer = runner.producer.buffer(0)
+        firsts.append(buffer.toks_RT.reshape(-1)[buffer.order_N])
     assert torch.equal(firsts[0], firsts[1])
 
 

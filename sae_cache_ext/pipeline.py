@@ -1,0 +1,220 @@
+"""The pipeline: producer -> background writer -> sink, checkpointed after each step.
+
+`Pipeline.build` makes one cache in a staging folder: it caches every buffer (the
+model runs here, writes and checkpoints on the writer thread, at most two buffers
+alive at once), then finishes the sink (the shuffle's gather, checkpointed after
+each shard) and describes the result (metadata files and manifest). A run that
+stopped continues from its checkpoint, in either phase, with the same bytes.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+from transformer_lens.hook_points import HookedRootModule
+
+from sae_cache_ext import checkpoints, manifest, staging
+from sae_cache_ext.checkpoints import Checkpoint, Phase
+from sae_cache_ext.config import CacheActivationsRunnerConfig
+from sae_cache_ext.plan import BufferPlan
+from sae_cache_ext.producer import Producer
+from sae_cache_ext.shuffle import BucketShuffleSink, OrderedSink, Sink
+from sae_cache_ext.writer import BackgroundWriter, CacheSchema, WriterStats
+
+
+@dataclass
+class CachingFacts:
+    """What the caching phase recorded, for the manifest."""
+
+    dataset_exhaustion: dict[str, Any]
+    accounting: dict[str, Any]
+    writer: dict[str, Any]
+    caching_seconds: float
+    resumed: bool
+    rows: int  # rows this process cached
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def writer_facts(stats: WriterStats) -> dict[str, Any]:
+    return {
+        "overflow_policy": "block the producer; never drop",
+        "stall_seconds": stats.stall_seconds,
+        "stalls": stats.stalls,
+        "max_queue_depth": stats.max_queue_depth,
+        "write_seconds": stats.write_seconds,
+    }
+
+
+class Pipeline:
+    """Builds one cache (or one rank's part of it) in a staging folder."""
+
+    def __init__(
+        self,
+        cfg: CacheActivationsRunnerConfig,
+        model: HookedRootModule,
+        schema: CacheSchema,
+        plan: BufferPlan,
+        producer: Producer,
+        n_buckets: int,
+        quiet: bool = False,
+    ) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.schema = schema
+        self.plan = plan
+        self.producer = producer
+        self.n_buckets = n_buckets  # of the persisted shuffle (unused without it)
+        self.quiet = quiet
+        self._run_facts: Future[dict[str, Any]] | None = None
+
+    def start_run_facts(self) -> Future[dict[str, Any]]:
+        """How the activations are computed, for the manifest. Hashing the weights
+        takes a second for a small model: do it beside the caching loop."""
+        if self._run_facts is None:
+            hasher = ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="sae-cache-ext-hash"
+            )
+            self._run_facts = hasher.submit(manifest.run_facts, self.model, self.cfg)
+            hasher.shutdown(wait=False)
+        return self._run_facts
+
+    def make_sink(self, folder: Path) -> Sink:
+        if self.cfg.shuffle:
+            return BucketShuffleSink(
+                folder, self.schema, seed=self.cfg.seed, n_buckets=self.n_buckets
+            )
+        return OrderedSink(folder, self.schema)
+
+    def build(self, folder: Path, checkpoint: Checkpoint | None) -> None:
+        """Cache, finish and describe the dataset in `folder`, continuing from
+        `checkpoint` if given."""
+        self.start_run_facts()
+        marker = staging.read_marker(folder) or {}
+        if checkpoint is not None and checkpoint.phase is Phase.GATHER:
+            sink = self.resume_sink(folder, checkpoint)
+            facts = {**(checkpoint.facts or {}), "resumed": True}
+        else:
+            sink, caching = self.cache(folder, checkpoint)
+            facts = caching.to_json()
+            del facts["rows"]
+        self.finish(folder, sink, facts, marker)
+
+    def resume_sink(self, folder: Path, checkpoint: Checkpoint) -> Sink:
+        sink = self.make_sink(folder)
+        sink.restore(checkpoint.sink)  # type: ignore[arg-type]
+        return sink
+
+    # -- caching ----------------------------------------------------------------------
+
+    def cache(
+        self, folder: Path, checkpoint: Checkpoint | None
+    ) -> tuple[Sink, CachingFacts]:
+        """Run the model over this process's buffers into a sink in `folder`
+        (continuing from a caching `checkpoint` if given)."""
+        started = time.perf_counter()
+        sink = self.make_sink(folder)
+        if checkpoint is None:
+            # a run killed before its first checkpoint may have left files
+            sink.restore(sink.state())  # type: ignore[arg-type]
+        else:
+            sink.restore(checkpoint.sink)  # type: ignore[arg-type]
+            if checkpoint.producer is not None:
+                self.producer.restore(checkpoint.producer, quiet=self.quiet)
+        stats = self._write_buffers(sink, folder)
+        self.producer.finish()
+        source = self.producer.source
+        facts = CachingFacts(
+            dataset_exhaustion=source.exhaustion(),
+            accounting=source.ledger.summary(),
+            writer=writer_facts(stats),
+            caching_seconds=time.perf_counter() - started,
+            resumed=checkpoint is not None,
+            rows=self.producer.rows_cached,
+        )
+        return sink, facts
+
+    def _write_buffers(self, sink: Sink, folder: Path) -> WriterStats:
+        """The caching loop: the producer builds each buffer here, the writer
+        thread writes it and then saves the checkpoint as of that buffer."""
+        plan, producer = self.plan, self.producer
+        first = producer.first
+        with (
+            BackgroundWriter(max_buffers=2) as writer,
+            tqdm(
+                total=plan.n_tokens,
+                initial=min(first * plan.rows_per_buffer, plan.n_rows)
+                * plan.context_size,
+                desc="Caching activations",
+                unit="tok",
+                unit_scale=True,
+                disable=self.quiet,
+            ) as progress,
+        ):
+            buffers = producer.buffers(progress)
+            while True:
+                writer.reserve()
+                item = next(buffers, None)
+                if item is None:
+                    writer.release()
+                    break
+                buffer, state = item
+
+                def job(b=buffer, s=state) -> None:
+                    sink.write_buffer(b.number, b.acts_RTD, b.toks_RT, b.order_N)
+                    checkpoints.save(
+                        folder, Checkpoint(Phase.CACHING, sink.state(), producer=s)
+                    )
+
+                writer.submit(job)
+                del buffer, state, item, job
+        return writer.stats
+
+    # -- finishing --------------------------------------------------------------------
+
+    def finish(
+        self, folder: Path, sink: Sink, facts: dict[str, Any], marker: dict[str, Any]
+    ) -> None:
+        """Gather the shuffle (if any), then write the dataset files and manifest."""
+        cfg = self.cfg
+        cached = time.perf_counter()
+        shards = sink.finish(
+            quiet=self.quiet,
+            checkpoint=lambda state: checkpoints.save(
+                folder, Checkpoint(Phase.GATHER, state, facts=facts)
+            ),
+        )
+        if not any(shards.values()):
+            raise ValueError(
+                "The dataset did not yield a single row of context_size="
+                f"{cfg.context_size} tokens: use a larger dataset or a smaller "
+                "context_size."
+            )
+        facts = dict(facts)
+        caching_seconds = facts.pop("caching_seconds")
+        rows = sum(s.rows for s in next(iter(shards.values())))
+        exclude_ids = self.producer.source.exclude_ids
+        described = {
+            "tokens": rows * self.plan.context_size,
+            "row_length": self.plan.context_size,
+            "rows_are_sequences": not (
+                cfg.shuffle_across_sequences or exclude_ids is not None
+            ),
+            "run": self.start_run_facts().result(),
+            "excluded_token_ids": [] if exclude_ids is None else exclude_ids.tolist(),
+            "timings": {
+                "caching_seconds": caching_seconds,
+                "finishing_seconds": time.perf_counter() - cached,
+            },
+            **facts,
+        }
+        manifest.write_cache_description(
+            folder, self.schema, shards, marker, cfg.to_dict(), described
+        )
+        checkpoints.remove(folder)
