@@ -185,11 +185,6 @@ class CacheActivationsRunnerConfig(_UpstreamConfig):
         fingerprint = self.data_fingerprint
         return fingerprint if world_size == 1 else f"{fingerprint}-w{world_size}"
 
-    @staticmethod
-    def data_fingerprint_of(run_fingerprint: str) -> str:
-        """The `data_fingerprint` part of a `run_fingerprint`."""
-        return run_fingerprint.split("-w")[0]
-
     @classmethod
     def from_upstream(
         cls, upstream: _UpstreamConfig, **new_fields: Any

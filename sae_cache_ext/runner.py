@@ -67,7 +67,7 @@ class CacheActivationsRunner(_UpstreamRunner):
         # it sorts out an earlier run's leftovers, which the others must not trip
         # over meanwhile.
         if self.world.is_main:
-            validate_output_path(cfg)
+            validate_output_path(cfg, self.world.size)
         if override_model is None:
             override_model = load_model(
                 model_class_name=cfg.model_class_name,
@@ -81,7 +81,13 @@ class CacheActivationsRunner(_UpstreamRunner):
         if self.world.distributed:
             override_dataset = _dataset_of_rank(cfg, override_dataset, self.world)
         # Every check that needs the model or the data, before any forward pass.
-        validate_run(cfg, self.model, override_dataset, check_output=self.world.is_main)
+        validate_run(
+            cfg,
+            self.model,
+            override_dataset,
+            check_output=self.world.is_main,
+            world_size=self.world.size,
+        )
         if cfg.compile_llm:
             self.model = torch.compile(self.model, mode=cfg.llm_compilation_mode)  # type: ignore[assignment]
         self.context_size = self._get_sliced_context_size(

@@ -45,16 +45,19 @@ def validate_run(
     model: HookedRootModule,
     dataset: Dataset | IterableDataset | None,
     check_output: bool = True,
+    world_size: int = 1,
 ) -> None:
     """Check a whole run before it starts: no forward pass, nothing written.
 
     `dataset` is the `override_dataset` (None when the store loads
     `cfg.dataset_path`, which is then not checked). Raises `ValueError`,
-    `FileExistsError` or `PermissionError` with the field to change.
+    `FileExistsError` or `PermissionError` with the field to change. `world_size`
+    is the number of data-parallel ranks (a finished cache is a run's only with the
+    same number).
     """
     validate_config(cfg)
     if check_output:
-        validate_output_path(cfg)
+        validate_output_path(cfg, world_size)
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd model
     check_device(cfg, model)
     check_hook(cfg, model)

@@ -29,22 +29,14 @@ _SYSTEM_FOLDERS = (
 )
 
 
-def _finished_by_this_config(
-    cfg: CacheActivationsRunnerConfig, layout: staging.Layout
-) -> bool:
-    """With `resume=True`, the finished cache of this very config may stand at the
-    output path (a run killed after its swap): the run then returns it."""
-    if not cfg.resume or not staging.is_our_finished_cache(layout.final):
-        return False
-    marker = staging.read_marker(layout.final) or {}
-    # of any world size (a data-parallel run's fingerprint names it)
-    return (
-        cfg.data_fingerprint_of(str(marker.get("fingerprint"))) == cfg.data_fingerprint
-    )
-
-
-def validate_output_path(cfg: CacheActivationsRunnerConfig) -> None:
+def validate_output_path(
+    cfg: CacheActivationsRunnerConfig, world_size: int = 1
+) -> None:
     """Refuse an output path the run could not write, or must not write, read-only.
+
+    With `resume=True`, the finished cache of this very run (config and
+    `world_size`) may stand at the output path (a run killed after its swap): the
+    run then returns it, so it is not refused.
 
     Raises `ValueError` (a system folder, a mount point), `FileExistsError` (a file,
     or a folder that is not empty, at or above the path) or `PermissionError`.
@@ -56,7 +48,10 @@ def validate_output_path(cfg: CacheActivationsRunnerConfig) -> None:
     _check_not_system_folder(path, layout.final)
     # After a crashed swap the output path may hold our half-moved cache: the
     # runner's `run` sorts that out, so the emptiness check waits for it.
-    if not layout.backup.exists() and not _finished_by_this_config(cfg, layout):
+    finished = cfg.resume and staging.holds_finished_cache(
+        layout.final, cfg.run_fingerprint(world_size)
+    )
+    if not layout.backup.exists() and not finished:
         staging.check_output_free(layout)
     if os.path.ismount(layout.final):
         raise ValueError(
