@@ -32,7 +32,9 @@ def test_run_caches_and_prints_a_summary(tmp_path, llama_dir, text_file, capsys)
     assert summary["rows"] == 24 and summary["tokens"] == 384
     assert summary["path"] == str(tmp_path / "cache")
     assert summary["bytes_on_disk"] > 384 * 32 * 4
-    assert summary["tokens_per_second"] > 0
+    assert summary["tokens_per_second_run"] > 0
+    assert summary["tokens_computed_this_run"] == 384
+    assert summary["dataset_ran_out"] is False and summary["exit_status"] == 0
     dataset = load_from_disk(str(tmp_path / "cache"))
     assert dataset.features["blocks.1.hook_resid_post"].shape == (16, 32)
     manifest = json.loads(
@@ -59,7 +61,9 @@ def test_run_with_json_config_gives_the_same_cache_as_yaml(
 def test_unknown_field_is_named(tmp_path, llama_dir, text_file, capsys):
     cfg = _config(tmp_path, llama_dir, text_file)
     assert main(["run", str(cfg), "--set", "shufle=false"]) == 2
-    assert "unknown config field(s) ['shufle']" in capsys.readouterr().err
+    assert "unknown config field 'shufle' (in --set): did you mean 'shuffle'?" in (
+        capsys.readouterr().err
+    )
     assert not (tmp_path / "cache").exists()
 
 
@@ -77,10 +81,11 @@ def test_malformed_override_is_refused(tmp_path, llama_dir, text_file, capsys):
 
 def test_missing_config_file(tmp_path, capsys):
     assert main(["run", str(tmp_path / "nope.yaml")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "sae-cache-ext init" in err
 
 
-@pytest.mark.parametrize("command", ["run", "info", "verify", "demo", "bench"])
+@pytest.mark.parametrize("command", ["init", "run", "info", "verify", "demo", "bench"])
 def test_every_command_has_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
