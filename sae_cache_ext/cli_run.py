@@ -109,8 +109,10 @@ def load_checked_config(
 
 
 def load_model(cfg: CacheActivationsRunnerConfig):
-    """Our local loaders for `smollm2` and model folders; None: the runner loads
-    it with sae-lens's `load_model`."""
+    """Our local loaders for `smollm2` and model folders, else sae-lens's
+    `load_model` (as its runner would call it)."""
+    from sae_lens.load_model import load_model as load_named_model
+
     from sae_cache_ext import models
 
     name = cfg.model_name
@@ -125,7 +127,12 @@ def load_model(cfg: CacheActivationsRunnerConfig):
         return models.load_local_model(
             name, device=cfg.device, model_class_name=class_name
         )
-    return None
+    return load_named_model(
+        model_class_name=cfg.model_class_name,
+        model_name=cfg.model_name,
+        device=cfg.device,
+        model_from_pretrained_kwargs=cfg.model_from_pretrained_kwargs,
+    )
 
 
 def load_dataset(cfg: CacheActivationsRunnerConfig):
@@ -143,20 +150,24 @@ def build_and_run(
     the seconds `run()` took."""
     from sae_cache_ext.distributed import rank_device, world_from_env
     from sae_cache_ext.runner import CacheActivationsRunner
+    from sae_cache_ext.validate import validate_output_path
 
     # under torchrun: join the process group first, so that `device: cuda` loads
     # the model on this rank's own GPU
-    cfg.device = rank_device(cfg.device, world_from_env(cfg.device))
+    world = world_from_env(cfg.device)
+    cfg.device = rank_device(cfg.device, world)
+    if world.is_main:  # as the runner does, but before the model loads
+        validate_output_path(cfg, world.size)
     dataset = load_dataset(cfg)  # before the model: a bad file fails fast
     with explain_hub_errors(
         f"model_name={cfg.model_name!r}", model_fix(cfg.model_name)
     ):
         model = load_model(cfg)
+    with explain_hub_errors(f"dataset_path={cfg.dataset_path!r}", DATASET_FIX):
         runner = CacheActivationsRunner(
             cfg, override_dataset=dataset, override_model=model, quiet=quiet
         )
-    started = time.perf_counter()
-    with explain_hub_errors(f"dataset_path={cfg.dataset_path!r}", DATASET_FIX):
+        started = time.perf_counter()
         runner.run()
     return runner, time.perf_counter() - started
 
