@@ -31,6 +31,22 @@ class ConfigError(ValueError):
 # -- reading ----------------------------------------------------------------------
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a field given twice (YAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):  # type: ignore[override]
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[arg-type]
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(
+                    f"{key!r} is set twice (lines {seen[key]} and {line}): keep one."
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """The mapping a YAML or JSON config file holds."""
     path = Path(path)
@@ -41,7 +57,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         )
     text = path.read_text(encoding="utf-8")
     try:
-        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        values = (
+            json.loads(text)
+            if path.suffix == ".json"
+            else yaml.load(text, Loader=_UniqueKeyLoader)
+        )
+    except ConfigError as error:
+        raise ConfigError(f"config file {path}: {error}") from None
     except (json.JSONDecodeError, yaml.YAMLError) as error:
         raise ConfigError(
             f"config file {path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "

@@ -215,3 +215,12 @@ def test_every_example_config_parses():
     for path in examples:
         values = read_config(path)
         assert values["model_name"] and values["hook_name"], path
+
+
+def test_a_field_set_twice_in_a_file_is_refused(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(render_template() + "shuffle: false\n")
+    with pytest.raises(
+        ConfigError, match=r"'shuffle' is set twice \(lines \d+ and \d+\)"
+    ):
+        read_config(path)
