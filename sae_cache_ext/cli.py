@@ -1,22 +1,39 @@
-"""The `sae-cache-ext` command line: run, info, verify, demo."""
+"""The `sae-cache-ext` command line: init, run, info, verify, demo, bench.
+
+Global flags (`-q`, `-v`, `--json`) work before or after the command. Nothing heavy
+is imported until a command needs it, so `--help`, `init` and a config typo answer
+at once. Exit status: 0 done, 1 `verify` found a problem, 2 a usage or input error
+(nothing written), 3 `run` finished a cache cut short because the dataset ran out.
+"""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from sae_cache_ext import __version__
-from sae_cache_ext.config import CacheActivationsRunnerConfig
+from sae_cache_ext.cli_run import (
+    EXIT_OK,
+    EXIT_SHORT_CACHE,
+    EXIT_USAGE,
+    EXIT_VERIFY_FAILED,
+    SMOLLM2_NAMES,
+    HubUnreachable,
+    build_and_run,
+    explain_hub_errors,
+    load_checked_config,
+    model_fix,
+    summarize,
+)
 
 logger = logging.getLogger("sae_cache_ext")
 
@@ -25,116 +42,48 @@ class CliError(Exception):
     """A user error: printed without a traceback, exit status 2."""
 
 
-# -- config files -----------------------------------------------------------------------
+# -- commands ---------------------------------------------------------------------
 
 
-def load_config_file(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise CliError(f"config file {path} does not exist.")
-    text = path.read_text()
-    try:
-        values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as error:
-        raise CliError(f"config file {path} is not valid YAML/JSON: {error}") from None
-    if not isinstance(values, dict):
-        raise CliError(f"config file {path} must hold a mapping of field: value.")
-    return values
+def cmd_init(args: argparse.Namespace) -> int:
+    from sae_cache_ext.template import render_template
 
-
-def apply_overrides(values: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """`FIELD=VALUE` pairs, each VALUE parsed as YAML (so `3`, `true`, `[1, 2]`)."""
-    values = dict(values)
-    for item in overrides:
-        field, sep, raw = item.partition("=")
-        if not sep or not field:
-            raise CliError(f"--set {item!r} is not of the form FIELD=VALUE.")
-        values[field.strip()] = yaml.safe_load(raw) if raw else ""
-    return values
-
-
-def build_config(values: dict[str, Any]) -> CacheActivationsRunnerConfig:
-    """The config from plain values, with errors that name the field."""
-    known = {f.name for f in dataclasses.fields(CacheActivationsRunnerConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise CliError(
-            f"unknown config field(s) {unknown}. Known fields: {', '.join(sorted(known))}."
-        )
-    values = dict(values)
-    if isinstance(values.get("seqpos_slice"), list):
-        values["seqpos_slice"] = tuple(values["seqpos_slice"])
-    try:
-        return CacheActivationsRunnerConfig(**values)
-    except TypeError as error:  # a missing required field
-        raise CliError(f"config: {error}") from None
-    except ValueError as error:
-        raise CliError(str(error)) from None
-
-
-# -- commands ---------------------------------------------------------------------------
-
-
-def _load_model(cfg: CacheActivationsRunnerConfig):
-    from sae_cache_ext import models
-
-    name = cfg.model_name
-    if name.lower() in {"smollm2", "smollm2-135m-instruct"}:
-        return models.load_smollm2_hooked(device=cfg.device)
-    if Path(name).expanduser().is_dir():
-        class_name = (
-            cfg.model_class_name
-            if cfg.model_class_name in models.SUPPORTED_MODEL_CLASS_NAMES
-            else None
-        )
-        return models.load_local_model(
-            name, device=cfg.device, model_class_name=class_name
-        )
-    return None  # the runner loads it with sae-lens's load_model
-
-
-def _load_dataset(cfg: CacheActivationsRunnerConfig):
-    from sae_cache_ext.data import is_local_dataset, load_local_dataset
-
-    return (
-        load_local_dataset(cfg.dataset_path)
-        if is_local_dataset(cfg.dataset_path)
-        else None
+    text = render_template()
+    if args.path in (None, "-"):
+        sys.stdout.write(text)
+        return EXIT_OK
+    path = Path(args.path)
+    if path.exists() and not args.force:
+        raise CliError(f"{path} exists: choose another path, or pass --force.")
+    path.write_text(text, encoding="utf-8")
+    print(
+        f"Wrote {path}: every field with its type, default and meaning. Edit "
+        f"dataset_path (and the rest), then: sae-cache-ext run {path}",
+        file=sys.stderr,
     )
+    return EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from sae_cache_ext.distributed import rank_device, world_from_env
-    from sae_cache_ext.runner import CacheActivationsRunner
-    from sae_cache_ext.verify import folder_bytes
-
-    values = apply_overrides(load_config_file(args.config), args.set or [])
-    cfg = build_config(values)
-    started = time.perf_counter()
-    # under torchrun: join the process group first, so that `device: cuda` loads
-    # the model on this rank's own GPU
-    cfg.device = rank_device(cfg.device, world_from_env(cfg.device))
-    model = _load_model(cfg)
-    dataset = _load_dataset(cfg)
-    runner = CacheActivationsRunner(
-        cfg, override_dataset=dataset, override_model=model, quiet=args.quiet
-    )
-    cache_start = time.perf_counter()
-    result = runner.run()
-    seconds = time.perf_counter() - cache_start
-    tokens = len(result) * runner.context_size
-    out = Path(str(cfg.new_cached_activations_path))
-    summary = {
-        "rows": len(result),
-        "tokens": tokens,
-        "bytes_on_disk": folder_bytes(out),
-        "wall_seconds": round(time.perf_counter() - started, 2),
-        "tokens_per_second": round(tokens / seconds, 1),
-        "path": str(out),
-    }
+    cfg = load_checked_config(args.config, args.set or [])
+    runner, run_seconds = build_and_run(cfg, quiet=args.quiet)
+    summary = summarize(cfg, runner, run_seconds, time.perf_counter() - args.started)
     if runner.world.is_main:  # one summary for a data-parallel run
-        _print_summary("Cached activations", summary, args.json)
-    return 0
+        if args.json:
+            print(json.dumps(summary.to_json(), default=str))
+        else:
+            _print_pairs("Cached activations", summary.lines())
+    if summary.dataset_ran_out:
+        logger.warning(
+            "The dataset ran out: the cache at %s holds %d of training_tokens=%d "
+            "tokens (exit status %d). Use a larger dataset or lower training_tokens.",
+            summary.path,
+            summary.tokens,
+            summary.training_tokens,
+            EXIT_SHORT_CACHE,
+        )
+        return EXIT_SHORT_CACHE
+    return EXIT_OK
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -158,8 +107,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         if not rows:
             raise CliError(f"{args.path} records no coverage to plot.")
         accounting.plot_coverage(rows, args.plot)
-        print(f"Coverage plot written to {args.plot}")
-    return 0
+        print(f"Coverage plot written to {args.plot}", file=sys.stderr)
+    return EXIT_OK
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -167,16 +116,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     model = None
     if args.model:
-        model = _load_model_by_name(args.model)
+        with explain_hub_errors(f"--model {args.model}", model_fix(args.model)):
+            model = _load_model_by_name(args.model)
     report = verify_cache(args.path, model=model, rows=args.rows, seed=args.seed)
-    print(report.format())
-    return 0 if report.ok else 1
+    print(json.dumps(asdict(report)) if args.json else report.format())
+    return EXIT_OK if report.ok else EXIT_VERIFY_FAILED
 
 
 def _load_model_by_name(name: str):
     from sae_cache_ext import models
 
-    if name.lower() in {"smollm2", "smollm2-135m-instruct"}:
+    if name.lower() in SMOLLM2_NAMES:
         return models.load_smollm2_hooked()
     if Path(name).expanduser().is_dir():
         return models.load_local_model(name)
@@ -207,7 +157,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "tokens cached": result.tokens_cached,
         "rows": result.rows,
         "caching seconds": round(result.cache_seconds, 1),
-        "tokens/s": round(result.tokens_per_second, 1),
+        "tokens/s over caching seconds": round(result.tokens_per_second, 1),
         "bytes on disk": result.bytes_on_disk,
         "cache": result.cache_path,
         "SAE trained on tokens": result.sae_train_tokens,
@@ -217,59 +167,98 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "SAE L0 (held out)": round(result.sae.l0, 2),
         "total seconds": round(result.total_seconds, 1),
     }
-    _print_summary("sae-cache-ext demo", summary, args.json)
-    return 0
-
-
-def _print_summary(title: str, summary: dict[str, Any], as_json: bool) -> None:
-    if as_json:
+    if args.json:
         print(json.dumps(summary, default=str))
-        return
+    else:
+        _print_pairs("sae-cache-ext demo", [(k, str(v)) for k, v in summary.items()])
+    return EXIT_OK
+
+
+def _print_pairs(title: str, pairs: list[tuple[str, str]]) -> None:
     print(title)
-    width = max(len(k) for k in summary)
-    for key, value in summary.items():
+    width = max(len(k) for k, _ in pairs)
+    for key, value in pairs:
         print(f"  {key:<{width}}  {value}")
 
 
-# -- parser -----------------------------------------------------------------------------
+# -- parser -----------------------------------------------------------------------
+
+
+def _global_flags(
+    parser: argparse.ArgumentParser, top: bool, json: bool = True
+) -> None:
+    """`-q`, `-v`, `--json`: on the top parser with defaults, on every command with
+    SUPPRESS (so a flag given before the command is not reset after it)."""
+
+    def default(value: Any) -> Any:
+        return value if top else argparse.SUPPRESS
+
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        default=default(False),
+        help="only warnings and errors: no INFO logs, library warnings or progress bars",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default(False),
+        help="debug logs",
+    )
+    if json:
+        parser.add_argument(
+            "--json",
+            action="store_true",
+            default=default(False),
+            help="print the result as JSON on stdout",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sae-cache-ext",
-        description="Cache language-model activations for SAE training (sae-lens compatible).",
+        description="Cache language-model activations for SAE training (sae-lens "
+        "compatible). Start with `sae-cache-ext init config.yaml`.",
+        epilog="Exit status: 0 done; 1 verify found a problem; 2 usage or input error "
+        "(nothing written); 3 the dataset ran out before training_tokens (the "
+        "shorter cache is written).",
     )
     parser.add_argument(
         "--version", action="version", version=f"%(prog)s {__version__}"
     )
-    parser.add_argument(
-        "-v", "--verbose", action="store_true", help="log debug details"
-    )
+    _global_flags(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="cache activations as a config file says")
+    def command(name: str, help: str, **kwargs: Any) -> argparse.ArgumentParser:
+        new = sub.add_parser(name, help=help, description=help, **kwargs)
+        _global_flags(new, top=False)
+        return new
+
+    init = command("init", "write a commented config template (every field)")
+    init.add_argument("path", nargs="?", help="file to write (default: stdout)")
+    init.add_argument("--force", action="store_true", help="overwrite PATH")
+    init.set_defaults(func=cmd_init)
+
+    run = command("run", "cache activations as a config file says")
     run.add_argument(
-        "config", help="YAML or JSON file of CacheActivationsRunnerConfig fields"
+        "config", help="YAML or JSON file of config fields (`sae-cache-ext init`)"
     )
     run.add_argument(
         "--set",
         action="append",
         metavar="FIELD=VALUE",
-        help="override a field (repeatable)",
+        help="override a field, VALUE read as YAML (repeatable)",
     )
-    run.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    run.add_argument("--json", action="store_true", help="print the summary as JSON")
     run.set_defaults(func=cmd_run)
 
-    info = sub.add_parser("info", help="describe what a cache holds")
+    info = command("info", "describe what a cache holds")
     info.add_argument("path")
-    info.add_argument("--json", action="store_true", help="print JSON")
     info.add_argument("--plot", metavar="FILE.png", help="draw the coverage table")
     info.set_defaults(func=cmd_info)
 
-    verify = sub.add_parser(
-        "verify", help="check a cache's schema, checksums and values"
-    )
+    verify = command("verify", "check a cache's schema, checksums and values")
     verify.add_argument("path")
     verify.add_argument(
         "--model", help="model to re-run on stored tokens (name or local folder)"
@@ -280,9 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--seed", type=int, default=0)
     verify.set_defaults(func=cmd_verify)
 
-    demo = sub.add_parser(
-        "demo", help="cache SmolLM2-135M activations offline and train an SAE"
-    )
+    demo = command("demo", "cache SmolLM2-135M activations offline and train an SAE")
     demo.add_argument(
         "--out", help="output folder (default: ./sae-cache-ext-demo/run-<time>)"
     )
@@ -293,37 +280,53 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--dataset", help="local .txt/.jsonl file or saved dataset folder"
     )
-    demo.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    demo.add_argument("--json", action="store_true", help="print the summary as JSON")
     demo.set_defaults(func=cmd_demo)
 
     from sae_cache_ext import bench  # light: imports torch only when run
 
     bench.add_parser(sub)
+    _global_flags(sub.choices["bench"], top=False, json=False)  # its --json is a PATH
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if getattr(args, "quiet", False):
-        # tqdm reads TQDM_* defaults from the environment: silence every bar,
-        # including those of datasets and sae-lens, for CI logs.
-        os.environ["TQDM_DISABLE"] = "1"
-        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
-        import datasets
-        import transformers
+def _quiet_everything() -> None:
+    """No INFO logs, no library warnings, no progress bars (set before the
+    libraries are imported, which read these at import)."""
+    for name in (
+        "TQDM_DISABLE",
+        "HF_HUB_DISABLE_PROGRESS_BARS",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS",
+        "TRANSFORMERS_NO_ADVISORY_WARNINGS",
+    ):
+        os.environ[name] = "1"
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
 
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
+
+def main(argv: Sequence[str] | None = None) -> int:
+    started = time.perf_counter()
+    args = build_parser().parse_args(argv)
+    args.started = started
+    if args.quiet:
+        _quiet_everything()
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG
+        if args.verbose
+        else (logging.WARNING if args.quiet else logging.INFO),
         format="%(levelname)s %(name)s: %(message)s",
+        force=True,
     )
     try:
         return args.func(args)
-    except CliError as error:
+    except (
+        CliError,
+        HubUnreachable,
+        ValueError,
+        FileExistsError,
+        FileNotFoundError,
+        PermissionError,
+    ) as error:
         print(f"sae-cache-ext: error: {error}", file=sys.stderr)
-        return 2
-    except (ValueError, FileExistsError, FileNotFoundError) as error:
-        print(f"sae-cache-ext: error: {error}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE

@@ -48,9 +48,12 @@ class CacheActivationsRunnerConfig(_UpstreamConfig):
     `"sep"` (the tokenizer's token of that name) or None for no separator."""
 
     exclude_special_tokens: bool | list[int] = False
-    """Remove these tokens' positions before writing: True for the tokenizer's
-    special token ids, or an explicit list of ids. The remaining tokens are re-packed
-    into full rows, so the cache still holds as many rows."""
+    """Remove these tokens' positions before writing: True for the ids sae-lens's
+    `get_special_token_ids` returns (the tokenizer's bos, eos, pad, sep and
+    decoder-start token ids; not its additional special tokens, such as chat-template
+    tokens), or an explicit list of ids. The remaining tokens are re-packed into full
+    rows, so the cache still holds as many rows. The manifest and `sae-cache-ext info`
+    list each removed id with its token string."""
 
     shuffle_across_sequences: bool = False
     """Permute tokens (with their activations and token ids) across the rows of each

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 from transformer_lens.hook_points import HookedRootModule
 
@@ -49,6 +50,21 @@ def writer_facts(stats: WriterStats) -> dict[str, Any]:
         "stalls": stats.stalls,
         "max_queue_depth": stats.max_queue_depth,
         "write_seconds": stats.write_seconds,
+    }
+
+
+def excluded_tokens(
+    model: HookedRootModule, exclude_ids: torch.Tensor | None
+) -> dict[str, Any]:
+    """`{"excluded_tokens": {id: token string}}` when ids are excluded (else {})."""
+    tokenizer = getattr(model, "tokenizer", None)
+    if exclude_ids is None or tokenizer is None:
+        return {}
+    ids = [int(i) for i in exclude_ids.tolist()]
+    return {
+        "excluded_tokens": {
+            str(i): str(tokenizer.convert_ids_to_tokens(i)) for i in ids
+        }
     }
 
 
@@ -208,6 +224,7 @@ class Pipeline:
             ),
             "run": self.start_run_facts().result(),
             "excluded_token_ids": [] if exclude_ids is None else exclude_ids.tolist(),
+            **excluded_tokens(self.model, exclude_ids),
             "timings": {
                 "caching_seconds": caching_seconds,
                 "finishing_seconds": time.perf_counter() - cached,

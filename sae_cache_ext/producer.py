@@ -57,6 +57,7 @@ class Producer:
         self.shuffle_across_sequences = shuffle_across_sequences
         self.packer = RowPacker(plan.context_size)
         self.rows_cached = 0
+        self.rows_restored = 0  # rows an earlier run cached (`restore`)
         self.first = 0
 
     def buffer(self, index: int, progress: tqdm | None = None) -> Buffer:
@@ -107,7 +108,7 @@ class Producer:
         """Continue after the buffer `state` was taken at."""
         if state.source is not None:
             self.source.restore(state.source, quiet)
-        self.rows_cached = state.rows_cached
+        self.rows_cached = self.rows_restored = state.rows_cached
         if state.carry is not None:
             self.packer.add(*state.carry)
         self.first = state.buffers_done

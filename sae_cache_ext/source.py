@@ -11,6 +11,7 @@ T tokens per row.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -124,7 +125,15 @@ class ActivationSource:
         self.store = self._make_store(dataset)
 
     def _make_store(self, dataset: Dataset | None) -> ActivationsStore:
-        store = _mk_activations_store(self.model, self.cfg, dataset)
+        with warnings.catch_warnings():
+            # sae-lens compares the dataset's documents with training_tokens and
+            # predicts "multiple training epochs": wrong here (documents hold many
+            # tokens, and nothing repeats unless on_dataset_exhausted='repeat');
+            # `exhaustion` says what really happened.
+            warnings.filterwarnings(
+                "ignore", message="The training dataset contains fewer samples"
+            )
+            store = _mk_activations_store(self.model, self.cfg, dataset)
         # sae-lens's factory does not pass these; the store reads them lazily, when
         # the first sequence is drawn, so setting them here is equivalent.
         store.disable_concat_sequences = self.cfg.disable_concat_sequences

@@ -155,14 +155,14 @@ PINNED_MANIFESTS: dict[str, dict[str, dict[str, Any]]] = {
         "sae_cache_ext_manifest.json": {
             "rows": 26,
             "shard_rows": [3, 9, 6, 8],
-            "facts_sha256": "25e57638a5135b108cea97c1433d02597819b8432912c46d9c621cdaedb856d2",
+            "facts_sha256": "49eed07d1e08a3df1e02e0cc51b8196d47d8a613997b3dab188df3344f9a2ab1",
         }
     },
     "shuffled-resumed": {
         "sae_cache_ext_manifest.json": {
             "rows": 26,
             "shard_rows": [3, 9, 6, 8],
-            "facts_sha256": "73b0ff7a5844d6c7a5def46c65f569cb54e4d158c59e2bb85eaa0134fb7852fd",
+            "facts_sha256": "cd900d9cfb72fece233ab69edc5f2574c95cce3336db2a35676ab0141a59152d",
         }
     },
     "hooks": {

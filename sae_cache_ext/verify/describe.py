@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sae_cache_ext.staging import TOOL
+from sae_cache_ext.verify import tables
 from sae_cache_ext.verify.folder import (
     INFO_FILE,
     STATE_FILE,
@@ -159,9 +160,10 @@ def format_description(desc: dict[str, Any]) -> str:
             )
         )
     facts = desc["manifest"] or {}
-    shown = ("tool", "rows", "tokens")  # already in the lines above
+    shown = ("tool", "rows", "tokens", *tables.SHOWN)  # in the lines above or below
     pairs += [(k, _fact_text(v)) for k, v in sorted(facts.items()) if k not in shown]
     lines = [f"Activation cache at {desc['path']}", *_aligned(pairs, "  ")]
+    lines += tables.format_accounting(facts)
     lines += ["  schema", *_aligned(list(desc["schema"].items()), "    ")]
     if desc["config"] is not None:
         lines.append(f"  config (from {desc['config_source']})")
