@@ -78,8 +78,9 @@ def build_wide_model(
     tokenizer_dir: Path, d_model: int = 1024, device: str = "cpu", seed: int = 0
 ):
     """A random 1-layer, attention-only HookedTransformer of width `d_model` with
-    one 1-wide head: hooked before its block (`blocks.0.hook_resid_pre`), its
-    forward pass is an embedding lookup, nearly free, so a benchmark on it
+    one 1-wide head and no layer norm: hooked before its block
+    (`blocks.0.hook_resid_pre`, sae-lens still runs the block), its forward pass
+    is a few passes over the activations, nearly free, so a benchmark on it
     measures the write path as a fast GPU would see it."""
     import torch
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -94,7 +95,7 @@ def build_wide_model(
         n_heads=1,
         attn_only=True,
         d_vocab=len(tokenizer),
-        normalization_type="LN",
+        normalization_type=None,
         seed=seed,
         device=device,
     )
