@@ -3,6 +3,7 @@ and the whole plan (setups, arms, repeats) the command asks for."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -190,17 +191,15 @@ SCALE_FACTORS = (1, 4, 16)
 def scale_setups(
     base_gb: float, width: int = WIDE_WIDTH, dtype: str = "float32", device: str = "cpu"
 ) -> list[ModelSetup]:
-    """The wide model at 1x, 4x and 16x `base_gb`, all with the buffers of 1x (4
-    buffers there), so only the number of buffers grows along the curve."""
+    """The wide model at 1x, 4x and 16x the cache of `base_gb` (whole multiples of
+    it), all with the buffers of 1x, so only the number of buffers grows."""
     base = wide_setup(base_gb, width, dtype, device)
     return [
-        wide_setup(
-            base_gb * factor,
-            width,
-            dtype,
-            device,
-            batches_per_buffer=base.batches_per_buffer,
+        dataclasses.replace(
+            base,
             name=f"{WIDE}@{factor}x",
+            model=WIDE,
+            n_buffers=base.n_buffers * factor,
         )
         for factor in SCALE_FACTORS
     ]

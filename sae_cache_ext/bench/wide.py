@@ -38,7 +38,11 @@ def _medians(runs: list[dict[str, Any]], model: str, key: str) -> dict[str, floa
     out = {}
     for arm in arms:
         value = _median(
-            [r[key] for r in runs if r["model"] == model and r["arm"] == arm]
+            [
+                r[key]
+                for r in runs
+                if r["model"] == model and r["arm"] == arm and r.get(key) is not None
+            ]
         )
         if value is not None:
             out[arm] = value
