@@ -29,9 +29,9 @@ else
     DEVICE=cpu
     echo "gpu_check: NO CUDA DEVICE here: running the same checks on cpu at smoke"
     echo "gpu_check: sizes (these are not GPU numbers)."
-    WIDE=(--quick --width 128)
+    WIDE=(--quick --width 64 --arms forward-only,ours-plain,ours,dd)
     SMOLLM2=(--tokens 2048 --repeats 1)
-    LIMITS=(240 240)
+    LIMITS=(480 480)
 fi
 "$PY" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
 echo "gpu_check: device $DEVICE, commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"

@@ -206,7 +206,7 @@ def test_gpu_check_says_there_is_no_gpu_and_runs_on_cpu(tmp_path: Path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=900,
+        timeout=1200,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "NO CUDA DEVICE here" in done.stdout
