@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from enum import IntEnum
+from typing import Protocol
 
 import einops
 import torch
@@ -45,16 +46,30 @@ def drop_tokens(
     return acts_ND[keep_N], toks_N[keep_N]
 
 
+class Stager(Protocol):
+    """Where a buffer's activations are allocated and how batches are copied in
+    (`hoststage.HostStager`: pinned host memory, asynchronous device copies)."""
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor: ...
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None: ...
+
+    def wait(self) -> None: ...
+
+
 class RowPacker:
     """Fills buffers of full rows from batches of (activation, token) pairs.
 
     Each buffer is allocated once and batches are copied into it as they arrive, so
     a buffer costs its own size plus one batch, never a concatenated copy. Pairs
-    that do not fit are carried into the next buffer: nothing is dropped.
+    that do not fit are carried into the next buffer: nothing is dropped. With a
+    `stager`, activations (on an accelerator) are copied by it into a buffer it
+    allocates, and every copy has landed before `fill` returns.
     """
 
-    def __init__(self, context_size: int) -> None:
+    def __init__(self, context_size: int, stager: Stager | None = None) -> None:
         self.context_size = context_size
+        self.stager = stager
         self._acts: list[torch.Tensor] = []
         self._toks: list[torch.Tensor] = []
         self.n_tokens = 0
@@ -96,16 +111,27 @@ class RowPacker:
                 continue
             chunk_acts, chunk_toks = self._acts.pop(0), self._toks.pop(0)
             if acts_ND is None or toks_N is None:
-                acts_ND = chunk_acts.new_empty((need, chunk_acts.shape[1]))
+                acts_ND = (
+                    chunk_acts.new_empty((need, chunk_acts.shape[1]))
+                    if self.stager is None
+                    else self.stager.empty(
+                        (need, chunk_acts.shape[1]), chunk_acts.dtype
+                    )
+                )
                 toks_N = chunk_toks.new_empty((need,))
             take = min(need - filled, chunk_toks.shape[0])
-            acts_ND[filled : filled + take] = chunk_acts[:take]
+            if self.stager is None:
+                acts_ND[filled : filled + take] = chunk_acts[:take]
+            else:
+                self.stager.copy(acts_ND[filled : filled + take], chunk_acts[:take])
             toks_N[filled : filled + take] = chunk_toks[:take]
             filled += take
             self.n_tokens -= take
             if take < chunk_toks.shape[0]:
                 self._acts.insert(0, chunk_acts[take:])
                 self._toks.insert(0, chunk_toks[take:])
+        if self.stager is not None:
+            self.stager.wait()
         if acts_ND is None or toks_N is None:
             raise StopIteration
         whole = filled - filled % self.context_size
@@ -131,10 +157,10 @@ class RowPacker:
         return self.fill(n_rows, nothing_more)
 
     def carried(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The carried pairs as one `(acts_ND, toks_N)`, or None."""
+        """The carried pairs as one `(acts_ND, toks_N)` in host memory, or None."""
         if not self._acts:
             return None
-        return torch.cat(self._acts), torch.cat(self._toks)
+        return torch.cat(self._acts).cpu(), torch.cat(self._toks).cpu()
 
 
 def rows_from_tokens(

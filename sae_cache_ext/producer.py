@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sae_cache_ext import accounting
+from sae_cache_ext.hoststage import HostStager
 from sae_cache_ext.packing import RowPacker, Stream, seeded_generator, token_order
 from sae_cache_ext.plan import BufferPlan
 from sae_cache_ext.source import ActivationSource, SourceState
@@ -55,7 +56,10 @@ class Producer:
         self.plan = plan
         self.seed = seed
         self.shuffle_across_sequences = shuffle_across_sequences
-        self.packer = RowPacker(plan.context_size)
+        # on a CUDA model, batches go straight from the GPU into pinned buffers
+        self.packer = RowPacker(
+            plan.context_size, HostStager.for_device(source.activations_device)
+        )
         self.rows_cached = 0
         self.rows_restored = 0  # rows an earlier run cached (`restore`)
         self.first = 0

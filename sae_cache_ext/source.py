@@ -123,6 +123,13 @@ class ActivationSource:
         self.rows_used = 0
         self.exhausted = False
         self.store = self._make_store(dataset)
+        # Where `next_batch`'s activations are: a CUDA model's own GPU (the
+        # producer copies them to host memory once, asynchronously), else the
+        # store's device (the host). Token ids are always on the host.
+        model_device = _get_input_token_device(model)
+        self.activations_device: torch.device = (
+            model_device if model_device.type == "cuda" else self.store.device
+        )
 
     def _make_store(self, dataset: Dataset | None) -> ActivationsStore:
         with warnings.catch_warnings():
@@ -181,9 +188,12 @@ class ActivationSource:
         self, raise_on_epoch_end: bool
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The store's next batch as `(acts_ND, toks_N)`: sae-lens's own for one
-        hook, or every hook's activations side by side from one forward pass."""
+        hook on the host, or every hook's activations side by side from one
+        forward pass (also for one hook on a GPU, where they stay: the same values
+        as sae-lens's, float32, without its synchronous copy to pageable memory)."""
         store = self.store
-        if self.cfg.hook_names is None:
+        on_host = self.activations_device == store.device
+        if self.cfg.hook_names is None and on_host:
             return store.get_raw_llm_batch(raise_on_epoch_end=raise_on_epoch_end)
         tokens_BT = store.get_batch_tokens(raise_at_epoch_end=raise_on_epoch_end)
         hooks = [hook for hook, _ in self.hooks]
@@ -210,7 +220,7 @@ class ActivationSource:
             acts = cache[hook][:, seqpos]
             parts.append(
                 acts.reshape(acts.shape[0], acts.shape[1], -1).to(
-                    device=store.device, dtype=torch.get_default_dtype()
+                    device=self.activations_device, dtype=torch.get_default_dtype()
                 )
             )
         del cache

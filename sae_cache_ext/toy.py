@@ -74,6 +74,37 @@ def build_model(tokenizer_dir: Path, seed: int = 0, d_model: int = D_MODEL):
     return model
 
 
+def build_wide_model(
+    tokenizer_dir: Path, d_model: int = 1024, device: str = "cpu", seed: int = 0
+):
+    """A random 1-layer, attention-only HookedTransformer of width `d_model` with
+    one 1-wide head and no layer norm: hooked before its block
+    (`blocks.0.hook_resid_pre`, sae-lens still runs the block), its forward pass
+    is a few passes over the activations, nearly free, so a benchmark on it
+    measures the write path as a fast GPU would see it."""
+    import torch
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
+    cfg = HookedTransformerConfig(
+        n_layers=1,
+        d_model=d_model,
+        n_ctx=N_CTX * 2,
+        d_head=1,
+        n_heads=1,
+        attn_only=True,
+        d_vocab=len(tokenizer),
+        normalization_type=None,
+        seed=seed,
+        device=device,
+    )
+    torch.manual_seed(seed)
+    model = HookedTransformer(cfg, tokenizer=tokenizer)
+    model.eval()
+    return model
+
+
 def build_corpus(n_docs: int | None = None) -> Dataset:
     """The prose as a `Dataset` with a `text` column (optionally the first n docs)."""
     corpus = pydoc_corpus()

@@ -8,6 +8,7 @@ functions, so importing this module stays light."""
 from __future__ import annotations
 
 import functools
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +25,14 @@ ARMS = (UPSTREAM, OURS, PERSIST, FORWARD)
 HOOKS_ONE_PASS = "ours-4-hooks"
 HOOKS_EACH = "ours-each-hook"
 HOOK_ARMS = (HOOKS_ONE_PASS, HOOKS_EACH)
-ALL_ARMS = (*ARMS, *HOOK_ARMS)
+UPSTREAM_PLAIN = "upstream-plain"
+OURS_PLAIN = "ours-plain"
+DD = "dd"
+WIDE_ARMS = (FORWARD, UPSTREAM_PLAIN, UPSTREAM, OURS_PLAIN, OURS, DD)
+"""The accelerator regime's arms: the floor (forward-only), both runners with and
+without their shuffle, and a flushed `dd` of the same bytes."""
+NO_MODEL_ARMS = (DD,)
+ALL_ARMS = (*ARMS, *HOOK_ARMS, UPSTREAM_PLAIN, OURS_PLAIN, DD)
 
 Arm = Callable[[ModelSetup, Any, Any, Path, float], dict[str, Any]]
 """(setup, model, corpus, run folder, disk-sampling interval) -> the run's record."""
@@ -42,7 +50,8 @@ def _config_kwargs(setup: ModelSetup, out: Path) -> dict[str, Any]:
         "buffer_size_gb": setup.buffer_size_gb,
         "new_cached_activations_path": str(out),
         "shuffle": True,
-        "device": "cpu",
+        "device": setup.device,
+        "dtype": setup.dtype,
     }
 
 
@@ -55,9 +64,9 @@ def _check_sizes(cfg: Any, setup: ModelSetup) -> None:
         )
 
 
-def _upstream_runner(setup: ModelSetup, model: Any, corpus: Any, out: Path) -> Any:
-    import functools
-
+def _upstream_runner(
+    setup: ModelSetup, model: Any, corpus: Any, out: Path, shuffle: bool = True
+) -> Any:
     import sae_lens
     import sae_lens.cache_activations_runner as upstream_module
     from tqdm.auto import tqdm
@@ -65,7 +74,9 @@ def _upstream_runner(setup: ModelSetup, model: Any, corpus: Any, out: Path) -> A
     # Its constructor always calls `load_model` (which would download): hand it ours.
     upstream_module.load_model = lambda **_: model  # type: ignore[assignment]
     upstream_module.tqdm = functools.partial(tqdm, disable=True)  # type: ignore[assignment]
-    cfg = sae_lens.CacheActivationsRunnerConfig(**_config_kwargs(setup, out))
+    cfg = sae_lens.CacheActivationsRunnerConfig(
+        **{**_config_kwargs(setup, out), "shuffle": shuffle}
+    )
     _check_sizes(cfg, setup)
     return sae_lens.CacheActivationsRunner(cfg, override_dataset=corpus)
 
@@ -77,8 +88,9 @@ def _arm_upstream(
     run_dir: Path,
     interval: float,
     persist: bool,
+    shuffle: bool = True,
 ) -> dict[str, Any]:
-    runner = _upstream_runner(setup, model, corpus, run_dir / "out")
+    runner = _upstream_runner(setup, model, corpus, run_dir / "out", shuffle)
     with measure(run_dir, interval) as record:
         dataset = runner.run()
         if persist:
@@ -110,11 +122,17 @@ def _ours_runner(
 
 
 def _arm_ours(
-    setup: ModelSetup, model: Any, corpus: Any, run_dir: Path, interval: float
+    setup: ModelSetup,
+    model: Any,
+    corpus: Any,
+    run_dir: Path,
+    interval: float,
+    shuffle: bool = True,
 ) -> dict[str, Any]:
     from sae_cache_ext import manifest
 
-    runner = _ours_runner(setup, model, corpus, run_dir / "out")
+    plain = {} if shuffle else {"shuffle": False, "shuffle_across_sequences": False}
+    runner = _ours_runner(setup, model, corpus, run_dir / "out", **plain)
     with measure(run_dir, interval) as record:
         dataset = runner.run()
     record["tokens"] = len(dataset) * runner.context_size
@@ -178,6 +196,23 @@ def _arm_forward_only(
     return record
 
 
+def _arm_dd(
+    setup: ModelSetup, model: Any, corpus: Any, run_dir: Path, interval: float
+) -> dict[str, Any]:
+    """`dd` of the cache's bytes (activations and token ids) from /dev/zero to a
+    file in the run folder, flushed (`conv=fdatasync`): the disk's write speed."""
+    mib = 1 << 20
+    count = -(-setup.payload_bytes // mib)
+    argv = ["dd", "if=/dev/zero", f"of={run_dir / 'dd.bin'}", f"bs={mib}"]
+    with measure(run_dir, interval) as record:
+        subprocess.run(
+            [*argv, f"count={count}", "conv=fdatasync"], check=True, capture_output=True
+        )
+    record["tokens"] = setup.tokens
+    record["dd_bytes"] = count * mib
+    return record
+
+
 RUNS: dict[str, Arm] = {
     UPSTREAM: functools.partial(_arm_upstream, persist=False),
     OURS: _arm_ours,
@@ -185,6 +220,9 @@ RUNS: dict[str, Arm] = {
     FORWARD: _arm_forward_only,
     HOOKS_ONE_PASS: functools.partial(_arm_hooks, one_pass=True),
     HOOKS_EACH: functools.partial(_arm_hooks, one_pass=False),
+    UPSTREAM_PLAIN: functools.partial(_arm_upstream, persist=False, shuffle=False),
+    OURS_PLAIN: functools.partial(_arm_ours, shuffle=False),
+    DD: _arm_dd,
 }
 
 
@@ -196,7 +234,7 @@ def load_model_and_corpus(
 
     model = _load_model(setup, tokenizer_dir)
     corpus = pydoc_corpus()
-    if setup.name == "tiny":
+    if setup.family in ("tiny", "wide"):
         # The tiny model stands for a fast accelerator, where the forward is cheap:
         # tokenizing on the fly would dominate, so both arms read the same
         # pretokenized rows (as sae-lens recommends for real runs).
@@ -205,15 +243,17 @@ def load_model_and_corpus(
 
 
 def _load_model(setup: ModelSetup, tokenizer_dir: str | None) -> Any:
-    if setup.name == "tiny":
-        from sae_cache_ext.toy import build_model
+    if setup.family in ("tiny", "wide"):
+        from sae_cache_ext.toy import build_model, build_wide_model
 
         if tokenizer_dir is None:
-            raise RuntimeError("the tiny model needs the prepared tokenizer folder")
-        return build_model(Path(tokenizer_dir), d_model=setup.d_in)
+            raise RuntimeError(f"the {setup.family} model needs the prepared tokenizer")
+        if setup.family == "wide":
+            return build_wide_model(Path(tokenizer_dir), setup.d_in, setup.device)
+        return build_model(Path(tokenizer_dir), d_model=setup.d_in).to(setup.device)
     from sae_cache_ext.models import load_smollm2_hooked
 
-    return load_smollm2_hooked()
+    return load_smollm2_hooked(device=setup.device)
 
 
 def _pretokenized(model: Any, corpus: Any, context_size: int) -> Any:

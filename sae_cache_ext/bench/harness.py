@@ -59,13 +59,21 @@ def _run_arm(job: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(job["threads"])
-    setup = ModelSetup(**job["setup"])
+    setup = ModelSetup(**{**job["setup"], "hook_set": tuple(job["setup"]["hook_set"])})
     loading = time.perf_counter()
-    model, corpus = arms.load_model_and_corpus(setup, job.get("tokenizer_dir"))
+    model = corpus = None
+    if job["arm"] not in arms.NO_MODEL_ARMS:
+        model, corpus = arms.load_model_and_corpus(setup, job.get("tokenizer_dir"))
     load_seconds = time.perf_counter() - loading
     run = arms.RUNS[job["arm"]]
     record = run(setup, model, corpus, Path(job["run_dir"]), job["disk_interval"])
-    record.update(load_seconds=load_seconds, pid=os.getpid())
+    record.update(
+        load_seconds=load_seconds,
+        pid=os.getpid(),
+        activation_bytes=setup.activation_bytes,
+        buffer_bytes=setup.buffer_bytes,
+        device=setup.device,
+    )
     return record
 
 
@@ -208,7 +216,7 @@ def _run_all(
     plan: BenchPlan, server: ForkServer, workdir: Path
 ) -> list[dict[str, Any]]:
     tokenizer_dir = workdir / "tiny-tokenizer"
-    if any(s.name == "tiny" for s in plan.setups):
+    if any(s.family in ("tiny", "wide") for s in plan.setups):
         server.run(
             _job(
                 workdir,
@@ -271,6 +279,8 @@ def _finish_record(
         "output_mb": record["output_bytes"] / MB,
         "disk_write_mb": None if write_bytes is None else write_bytes / MB,
         "peak_disk_mb": record["peak_disk"] / MB,
+        "gb_per_second": record["activation_bytes"] / 1e9 / record["wall_seconds"],
+        "seconds_per_gb": record["wall_seconds"] / (record["activation_bytes"] / 1e9),
     }
 
 

@@ -8,13 +8,16 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from sae_cache_ext.bench import wide
 from sae_cache_ext.bench.arms import (
     FORWARD,
     HOOKS_EACH,
     HOOKS_ONE_PASS,
     OURS,
+    OURS_PLAIN,
     PERSIST,
     UPSTREAM,
+    UPSTREAM_PLAIN,
 )
 from sae_cache_ext.bench.setups import ModelSetup
 
@@ -47,16 +50,25 @@ class Target:
     model: str
     label: str
     compare: str
-    """`"ours/<base arm>"` (a ratio of medians) or `"efficiency"` (of ours)."""
+    """`"<arm>/<base arm>"` (a ratio of medians), `"efficiency"` (of ours),
+    `"limit"` (the arm against its limit) or `"rss/buffer"` (the arm's peak RSS
+    above the model / the buffer's bytes)."""
     metric: str
     threshold: float
     stretch: float | None = None
     at_most: bool = False
     """The target is a ceiling (a time ratio), not a floor."""
+    arm: str = OURS
+    """The arm a `limit` or `rss/buffer` target is about."""
 
     def measured(self, report: dict[str, Any]) -> float | None:
         if self.compare == "efficiency":
             return report["efficiency"].get(self.model, {}).get(OURS)
+        if self.compare == "limit":
+            facts = report.get("limits", {}).get(self.model, {}).get(self.arm)
+            return None if facts is None else facts["vs_limit"]
+        if self.compare == "rss/buffer":
+            return report.get("rss_per_buffer", {}).get(self.model, {}).get(self.arm)
         return (
             report["ratios"].get(self.model, {}).get(self.compare, {}).get(self.metric)
         )
@@ -73,6 +85,14 @@ TARGETS = (
            f"{HOOKS_ONE_PASS}/{HOOKS_EACH}", "wall_seconds", 0.4, at_most=True),
     Target("smollm2", "smollm2: 4 hooks in one pass / 4 runs, wall time",
            f"{HOOKS_ONE_PASS}/{HOOKS_EACH}", "wall_seconds", 0.4, at_most=True),
+    Target("wide", "wide: ours shuffled vs its limit (floor + 2 dd)", "limit",
+           "wall_seconds", 0.85),
+    Target("wide", "wide: ours shuffled tokens/s vs upstream shuffle=True",
+           f"{OURS}/{UPSTREAM}", "tokens_per_second", 1.3),
+    Target("wide", "wide: ours plain vs its limit (floor + 1 dd)", "limit",
+           "wall_seconds", 1.0, stretch=1.3, arm=OURS_PLAIN),
+    Target("wide", "wide: ours shuffled peak RSS above model / buffer",
+           "rss/buffer", "peak_rss_above_model", 2.5, at_most=True),
 )  # fmt: skip
 
 
@@ -107,6 +127,11 @@ def build_report(runs: list[dict[str, Any]], arms: list[str]) -> dict[str, Any]:
             for base in RATIO_BASES
             if OURS in arms_of and base in arms_of
         }
+        if OURS_PLAIN in arms_of and UPSTREAM_PLAIN in arms_of:
+            ratios[model][f"{OURS_PLAIN}/{UPSTREAM_PLAIN}"] = {
+                key: _ratio(arms_of[OURS_PLAIN][key], arms_of[UPSTREAM_PLAIN][key])
+                for key, _ in METRICS
+            }
         if HOOKS_ONE_PASS in arms_of and HOOKS_EACH in arms_of:
             ratios[model][f"{HOOKS_ONE_PASS}/{HOOKS_EACH}"] = {
                 key: _ratio(arms_of[HOOKS_ONE_PASS][key], arms_of[HOOKS_EACH][key])
@@ -116,7 +141,7 @@ def build_report(runs: list[dict[str, Any]], arms: list[str]) -> dict[str, Any]:
             forward = arms_of[FORWARD]["wall_seconds"]
             efficiency[model] = {
                 arm: _ratio(forward, arms_of[arm]["wall_seconds"])
-                for arm in (UPSTREAM, OURS, PERSIST)
+                for arm in (UPSTREAM, OURS, PERSIST, UPSTREAM_PLAIN, OURS_PLAIN)
                 if arm in arms_of
             }
     report: dict[str, Any] = {
@@ -125,8 +150,12 @@ def build_report(runs: list[dict[str, Any]], arms: list[str]) -> dict[str, Any]:
         "summary": summary,
         "ratios": ratios,
         "efficiency": efficiency,
+        "limits": wide.limits(runs),
+        "rss_per_buffer": wide.rss_per_buffer(runs),
+        "scale": wide.scale_curve(runs),
     }
     report["targets"] = [_evaluate(target, report) for target in TARGETS]
+    report["targets"] += wide.scale_targets(report["scale"])
     return report
 
 
@@ -201,6 +230,7 @@ def _model_section(model: str, report: dict[str, Any]) -> list[str]:
             "",
             *_table(["ratio (of medians)", *(t for _, t in METRICS)], ratio_rows),
         ]
+    out += wide.limit_lines(model, report, _table)
     out += _regime_lines(summary)
     out += ["", "per-run wall s / CPU s (in run order):"]
     for arm in summary:
@@ -273,6 +303,7 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"Code: commit {git['commit'][:10]}{dirty}.")
     for model in report["summary"]:
         lines += ["", *_model_section(model, report)]
+    lines += wide.scale_lines(report, _table)
     lines += [f"WARNING: {message}" for message in report.get("warnings", [])]
     lines += ["", "targets:"]
     width = max(len(t["label"]) for t in report["targets"])
