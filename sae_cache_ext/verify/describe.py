@@ -61,6 +61,14 @@ def describe_cache(path: str | os.PathLike[str]) -> dict[str, Any]:
             },
             "size_bytes": folder_bytes(folder),
             "config": manifest["config"],
+            "manifest": {  # every hook's statistics and envelope
+                **(first["manifest"] or {}),
+                **{
+                    key: manifest[key]
+                    for key in ("statistics", "envelope")
+                    if key in manifest
+                },
+            },
         }
     for name in (STATE_FILE, INFO_FILE):
         if not (folder / name).is_file():
@@ -128,6 +136,48 @@ def _aligned(pairs: list[tuple[str, str]], indent: str) -> list[str]:
     return [f"{indent}{k.ljust(width)}  {v}" for k, v in pairs]
 
 
+def statistics_lines(statistics: dict[str, Any] | None, indent: str) -> list[str]:
+    """One line per hook: tokens, norms, largest magnitude, non-finite values, and
+    the spread of the per-dimension means and variances."""
+    if not statistics:
+        return []
+    pairs = []
+    for hook, stats in statistics.items():
+        q = stats["norm_quantiles"]
+        mean, var = stats["mean"], stats["var"]
+        norm = stats["norm_mean"]
+        pairs.append(
+            (
+                hook,
+                f"{stats['count']:,} tokens; L2 norm mean "
+                f"{_fact_text(norm)}, 1%/50%/99% "
+                f"{_fact_text(q['0.01'])}/{_fact_text(q['0.5'])}/"
+                f"{_fact_text(q['0.99'])}; max |x| {_fact_text(stats['max_abs'])}; "
+                f"non-finite {stats['non_finite']}; per-dimension mean in "
+                f"[{_fact_text(min(mean, default=0.0))}, "
+                f"{_fact_text(max(mean, default=0.0))}], variance in "
+                f"[{_fact_text(min(var, default=0.0))}, "
+                f"{_fact_text(max(var, default=0.0))}]",
+            )
+        )
+    return [f"{indent}statistics", *_aligned(pairs, indent + "  ")]
+
+
+def envelope_text(envelope: dict[str, Any] | None) -> str | None:
+    """The envelope in words (None when the manifest has none)."""
+    if not envelope:
+        return None
+    if "skipped" in envelope:
+        return f"not measured: {envelope['skipped']}"
+    return (
+        f"{envelope['rows']} cached rows re-run in one batch of "
+        f"{envelope['batch_size']} (cached in batches of "
+        f"{envelope['original_batch_size']}): max abs error "
+        f"{envelope['max_abs_error']:.3g}, max rel error "
+        f"{envelope['max_rel_error']:.3g}, min cosine {envelope['min_cosine']:.9f}"
+    )
+
+
 def format_description(desc: dict[str, Any]) -> str:
     """`describe_cache`'s dict as human-readable lines."""
     tokens = desc["tokens"]
@@ -160,8 +210,17 @@ def format_description(desc: dict[str, Any]) -> str:
         )
     facts = desc["manifest"] or {}
     shown = ("tool", "rows", "tokens")  # already in the lines above
-    pairs += [(k, _fact_text(v)) for k, v in sorted(facts.items()) if k not in shown]
+    special = ("statistics", "envelope")  # below, in their own words
+    pairs += [
+        (k, _fact_text(v))
+        for k, v in sorted(facts.items())
+        if k not in shown + special
+    ]
+    envelope = envelope_text(facts.get("envelope"))
+    if envelope is not None:
+        pairs.append(("envelope", envelope))
     lines = [f"Activation cache at {desc['path']}", *_aligned(pairs, "  ")]
+    lines += statistics_lines(facts.get("statistics"), "  ")
     lines += ["  schema", *_aligned(list(desc["schema"].items()), "    ")]
     if desc["config"] is not None:
         lines.append(f"  config (from {desc['config_source']})")
