@@ -94,7 +94,9 @@ def forward(
     names = [name for name, _ in hooks]
     stops = [extract_stop_at_layer_from_tlens_hook_name(h) for h in names]
     stop = None if None in stops else max(s for s in stops if s is not None)
-    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=autocast):
+    with torch.autocast(
+        device_type=device.type, dtype=torch.bfloat16, enabled=autocast
+    ):
         cache = model.run_with_cache(
             toks_BT.to(device),
             names_filter=names,
@@ -147,9 +149,9 @@ def measure(
         return None
     index = torch.tensor(rows)
     stored_BTD = acts_RTD[index].to(getattr(torch, dtype))
-    rerun_BTD = forward(
-        model, toks_RT[index], hooks, model_kwargs or {}, autocast
-    ).to(getattr(torch, dtype))
+    rerun_BTD = forward(model, toks_RT[index], hooks, model_kwargs or {}, autocast).to(
+        getattr(torch, dtype)
+    )
     per_hook, start = {}, 0
     for name, width in hooks:
         part = slice(start, start + width)

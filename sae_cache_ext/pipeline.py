@@ -28,8 +28,7 @@ from sae_cache_ext import checkpoints, envelope, manifest, staging
 from sae_cache_ext.checkpoints import Checkpoint, Phase
 from sae_cache_ext.config import CacheActivationsRunnerConfig
 from sae_cache_ext.plan import BufferPlan
-from sae_cache_ext.producer import Producer
-from sae_cache_ext.producer import Buffer
+from sae_cache_ext.producer import Buffer, Producer
 from sae_cache_ext.shuffle import BucketShuffleSink, OrderedSink, Sink
 from sae_cache_ext.statistics import CacheStatistics, check_finite
 from sae_cache_ext.writer import BackgroundWriter, CacheSchema, WriterStats

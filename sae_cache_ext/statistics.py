@@ -241,11 +241,12 @@ class CacheStatistics:
 def merge_statistics(parts: list[dict[str, Any] | None]) -> dict[str, Any] | None:
     """Several ranks' `CacheStatistics.to_json()` as one, merged in order (None if
     any is missing)."""
-    if not parts or any(part is None for part in parts):
+    known = [part for part in parts if part is not None]
+    if not known or len(known) < len(parts):
         return None
-    merged = CacheStatistics.from_json(parts[0])
-    for part in parts[1:]:
-        merged = merged.merge(CacheStatistics.from_json(part))  # type: ignore[arg-type]
+    merged = CacheStatistics.from_json(known[0])
+    for part in known[1:]:
+        merged = merged.merge(CacheStatistics.from_json(part))
     return merged.to_json()
 
 
@@ -292,10 +293,12 @@ def check_finite(
         if not bool(torch.isfinite(torch.tensor(value).to(target)))
     ]
     acts_ND = acts_ND.reshape(-1, acts_ND.shape[-1])
-    starts = dict(zip(largest, np.cumsum([0, *(w for _, w in hooks)]).tolist()))
+    spans, start = {}, 0
+    for name, width in hooks:
+        spans[name], start = slice(start, start + width), start + width
     messages = []
     for name in broken:
-        part_ND = acts_ND[:, starts[name] : starts[name] + dict(hooks)[name]]
+        part_ND = acts_ND[:, spans[name]]
         message = _non_finite_message(
             name, part_ND, part_ND.to(target), dtype, buffer_number
         )

@@ -61,6 +61,11 @@ DP_TRAINING_TOKENS = 45 * ROW  # 23 + 22 rows on 2 ranks
 VOLATILE = ("created", "final_path", "fingerprint", "timings", "versions")
 VOLATILE_RUN = ("torch_num_threads", "torch_initial_seed", "deterministic_algorithms")
 VOLATILE_WRITER = ("max_queue_depth", "stall_seconds", "stalls", "write_seconds")
+# Entries added after the pins were made, left out of the pinned part (their values
+# are tested where they are made: tests/test_statistics.py); config fields only when
+# at their default, which is the behaviour the pins were made with.
+ADDED_SINCE_PINS = ("statistics", "envelope")
+ADDED_CONFIG_DEFAULTS = {"on_non_finite": "error"}
 # the libraries the bytes depend on
 PACKAGES = (
     "torch",
@@ -270,8 +275,16 @@ def _mask(value: Any, tmp_roots: tuple[str, ...]) -> Any:
 
 def _manifest_facts(manifest: dict[str, Any], tmp_roots: tuple[str, ...]) -> dict:
     """The manifest's deterministic part (its volatile keys' names are kept)."""
-    facts = {k: v for k, v in manifest.items() if k not in VOLATILE}
+    facts = {
+        k: v for k, v in manifest.items() if k not in VOLATILE + ADDED_SINCE_PINS
+    }
     facts["volatile_keys"] = sorted(k for k in VOLATILE if k in manifest)
+    if "config" in facts:
+        facts["config"] = {
+            k: v
+            for k, v in facts["config"].items()
+            if not (k in ADDED_CONFIG_DEFAULTS and ADDED_CONFIG_DEFAULTS[k] == v)
+        }
     if "run" in facts:
         facts["run"] = {
             k: ("<volatile>" if k in VOLATILE_RUN else v)

@@ -27,6 +27,7 @@ from sae_cache_ext.verify.folder import (
     read_json,
     read_manifest,
 )
+from sae_cache_ext.verify.report import envelope_text
 
 
 def folder_bytes(folder: Path) -> int:
@@ -163,21 +164,6 @@ def statistics_lines(statistics: dict[str, Any] | None, indent: str) -> list[str
     return [f"{indent}statistics", *_aligned(pairs, indent + "  ")]
 
 
-def envelope_text(envelope: dict[str, Any] | None) -> str | None:
-    """The envelope in words (None when the manifest has none)."""
-    if not envelope:
-        return None
-    if "skipped" in envelope:
-        return f"not measured: {envelope['skipped']}"
-    return (
-        f"{envelope['rows']} cached rows re-run in one batch of "
-        f"{envelope['batch_size']} (cached in batches of "
-        f"{envelope['original_batch_size']}): max abs error "
-        f"{envelope['max_abs_error']:.3g}, max rel error "
-        f"{envelope['max_rel_error']:.3g}, min cosine {envelope['min_cosine']:.9f}"
-    )
-
-
 def format_description(desc: dict[str, Any]) -> str:
     """`describe_cache`'s dict as human-readable lines."""
     tokens = desc["tokens"]
@@ -212,9 +198,7 @@ def format_description(desc: dict[str, Any]) -> str:
     shown = ("tool", "rows", "tokens")  # already in the lines above
     special = ("statistics", "envelope")  # below, in their own words
     pairs += [
-        (k, _fact_text(v))
-        for k, v in sorted(facts.items())
-        if k not in shown + special
+        (k, _fact_text(v)) for k, v in sorted(facts.items()) if k not in shown + special
     ]
     envelope = envelope_text(facts.get("envelope"))
     if envelope is not None:
