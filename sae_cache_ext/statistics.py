@@ -90,7 +90,7 @@ class HookStatistics:
     @classmethod
     def of_chunk(cls, x_CD: torch.Tensor) -> HookStatistics:
         """The statistics of one chunk of stored values (any float dtype)."""
-        x_CD = x_CD.to(torch.float64)  # a copy: centred in place below
+        x_CD = x_CD.to(torch.float64, copy=True)  # centred in place below
         n_tokens = x_CD.shape[0]
         total_D = x_CD.sum(0)
         stats = cls.empty(x_CD.shape[1])
