@@ -17,6 +17,7 @@ Shapes: R rows of the buffer, B rows re-run, T tokens per row, D values per toke
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -42,6 +43,7 @@ class Envelope:
     max_abs_error: float
     max_rel_error: float
     min_cosine: float  # of each token's vector, re-run against stored
+    seconds: float = 0.0  # the re-run and comparison took
     per_hook: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -123,7 +125,7 @@ def compare(rerun_BTD: torch.Tensor, stored_BTD: torch.Tensor) -> dict[str, floa
     rel = error[large] / stored.abs()[large]
     cosine = torch.nn.functional.cosine_similarity(rerun, stored, dim=-1, eps=1e-30)
     both_zero = (rerun.abs().amax(-1) == 0) & (stored.abs().amax(-1) == 0)
-    cosine = cosine.where(~both_zero, 1.0)
+    cosine = cosine.where(~both_zero, 1.0).clamp(max=1.0)  # rounding can pass 1
     return {
         "max_abs_error": float(error.max()) if error.numel() else 0.0,
         "max_rel_error": float(rel.max()) if rel.numel() else 0.0,
@@ -144,6 +146,7 @@ def measure(
 ) -> Envelope | None:
     """Re-run a few rows of a buffer (in generation order, before any token
     shuffle) in one batch and compare with their values as stored in `dtype`."""
+    started = time.perf_counter()
     rows = pick_rows(acts_RTD.shape[0], batch_size)
     if not rows:
         return None
@@ -164,6 +167,7 @@ def measure(
         original_batch_size=batch_size,
         buffer=buffer_number,
         per_hook=per_hook,
+        seconds=time.perf_counter() - started,
         **worst,
     )
 
@@ -187,6 +191,7 @@ def merge_envelopes(parts: list[dict[str, Any] | None]) -> dict[str, Any] | None
         "batch_size": max(p["batch_size"] for p in measured),
         "original_batch_size": measured[0]["original_batch_size"],
         "buffer": measured[0]["buffer"],  # the first rank's
+        "seconds": max(p["seconds"] for p in measured),
         **merge_errors(measured),
     }
     if "per_hook" in measured[0]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +70,7 @@ class Watch:
     statistics: CacheStatistics
     envelope: dict[str, Any] | None = None  # once measured, or skipped
     warned: bool = False  # about non-finite values
+    check_seconds: float = 0.0  # spent in the non-finite check
 
 
 class Pipeline:
@@ -161,7 +162,10 @@ class Pipeline:
             caching_seconds=time.perf_counter() - started,
             resumed=checkpoint is not None,
             rows=self.producer.rows_cached,
-            statistics=watch.statistics.to_json(),
+            statistics=replace(
+                watch.statistics,
+                seconds=watch.statistics.seconds + watch.check_seconds,
+            ).to_json(),
             envelope=watch.envelope,
         )
         return sink, facts
@@ -216,6 +220,7 @@ class Pipeline:
     def _inspect(self, buffer: Buffer, watch: Watch) -> None:
         """Before `buffer` is written: stop at (or warn once about) NaN and inf,
         and measure the envelope on the first buffer."""
+        started = time.perf_counter()
         messages = check_finite(
             buffer.acts_RTD,
             self.schema.hooks,
@@ -223,6 +228,7 @@ class Pipeline:
             self.cfg.on_non_finite,
             buffer.number,
         )
+        watch.check_seconds += time.perf_counter() - started
         if messages and not watch.warned:
             watch.warned = True
             for message in messages:

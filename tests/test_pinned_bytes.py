@@ -275,9 +275,7 @@ def _mask(value: Any, tmp_roots: tuple[str, ...]) -> Any:
 
 def _manifest_facts(manifest: dict[str, Any], tmp_roots: tuple[str, ...]) -> dict:
     """The manifest's deterministic part (its volatile keys' names are kept)."""
-    facts = {
-        k: v for k, v in manifest.items() if k not in VOLATILE + ADDED_SINCE_PINS
-    }
+    facts = {k: v for k, v in manifest.items() if k not in VOLATILE + ADDED_SINCE_PINS}
     facts["volatile_keys"] = sorted(k for k in VOLATILE if k in manifest)
     if "config" in facts:
         facts["config"] = {

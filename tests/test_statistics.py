@@ -104,7 +104,9 @@ def test_norm_quantiles_are_within_one_histogram_bin():
 
 
 def test_tokens_with_nan_or_inf_are_counted_and_left_out_of_the_moments():
-    x_ND = torch.tensor([[1.0, 2.0], [float("nan"), 3.0], [3.0, float("inf")], [5.0, 6.0]])
+    x_ND = torch.tensor(
+        [[1.0, 2.0], [float("nan"), 3.0], [3.0, float("inf")], [5.0, 6.0]]
+    )
     stats = HookStatistics.of_chunk(x_ND)
     # two of eight values; the moments are over tokens 0 and 3
     assert (stats.count, stats.non_finite, stats.finite_tokens) == (4, 2, 2)
@@ -167,8 +169,9 @@ def test_statistics_of_several_hooks_match_each_hooks_rows(
         assert_statistics_match(top["statistics"][hook], acts)
         own = manifest_of(out / hook)
         assert own["statistics"] == {hook: top["statistics"][hook]}
-        assert own["envelope"]["max_abs_error"] == (
-            top["envelope"]["per_hook"][hook]["max_abs_error"]
+        assert (
+            own["envelope"]["max_abs_error"]
+            == (top["envelope"]["per_hook"][hook]["max_abs_error"])
         )
     assert len(top["statistics"]["blocks.0.mlp.hook_post"]["mean"]) == 64
 
