@@ -282,6 +282,10 @@ class Pipeline:
         statistics = facts.pop("statistics", None)
         if statistics is not None:
             statistics = CacheStatistics.from_json(statistics)
+        measured = facts.get("envelope") or {}
+        facts["envelope"] = {
+            k: v for k, v in measured.items() if k != "seconds"
+        } or None  # its time goes to the timings
         rows = sum(s.rows for s in next(iter(shards.values())))
         exclude_ids = self.producer.source.exclude_ids
         described = {
@@ -298,6 +302,7 @@ class Pipeline:
                 "statistics_seconds": None
                 if statistics is None
                 else statistics.seconds,
+                "envelope_seconds": measured.get("seconds"),
             },
             **facts,
             "statistics": None if statistics is None else statistics.summary(),
