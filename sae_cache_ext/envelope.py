@@ -191,7 +191,7 @@ def merge_envelopes(parts: list[dict[str, Any] | None]) -> dict[str, Any] | None
         "batch_size": max(p["batch_size"] for p in measured),
         "original_batch_size": measured[0]["original_batch_size"],
         "buffer": measured[0]["buffer"],  # the first rank's
-        "seconds": max(p["seconds"] for p in measured),
+        "seconds": max(p.get("seconds", 0.0) for p in measured),
         **merge_errors(measured),
     }
     if "per_hook" in measured[0]:
