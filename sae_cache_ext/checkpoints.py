@@ -4,6 +4,7 @@ One dataclass, `Checkpoint`, says where the run is: in the caching phase, the
 producer's state (which buffers are built, how far the source has read, the tokens
 carried to the next buffer) and the sink's (what is on disk); in the gather phase,
 the sink's state with the gather's progress and the caching facts for the manifest.
+The caching phase also carries the activation statistics so far and the envelope.
 `checkpoint.json` holds it; tensors carried from one buffer to the next go beside it
 in a `carry-*.pt` file that the checkpoint names. Each is written under a new name
 or replaced atomically, so a crash leaves the previous checkpoint or the new one,
@@ -25,6 +26,7 @@ import torch
 from sae_cache_ext.producer import ProducerState
 from sae_cache_ext.shuffle import SinkState, sink_state_from_json
 from sae_cache_ext.source import SourceState
+from sae_cache_ext.statistics import CacheStatistics
 from sae_cache_ext.writer import write_json_atomic
 
 CHECKPOINT = "checkpoint.json"
@@ -42,6 +44,10 @@ class Checkpoint:
     sink: SinkState
     producer: ProducerState | None = None  # in the caching phase
     facts: dict[str, Any] | None = None  # in the gather phase: the caching facts
+    # in the caching phase: the statistics of the buffers written so far, and the
+    # envelope once measured (in the gather phase both are among the facts)
+    statistics: CacheStatistics | None = None
+    envelope: dict[str, Any] | None = None
 
 
 def save(folder: Path, checkpoint: Checkpoint) -> None:
@@ -66,6 +72,10 @@ def save(folder: Path, checkpoint: Checkpoint) -> None:
         },
         "carry": carry_name,
         "facts": checkpoint.facts,
+        "statistics": None
+        if checkpoint.statistics is None
+        else checkpoint.statistics.to_json(),
+        "envelope": checkpoint.envelope,
     }
     write_json_atomic(folder / CHECKPOINT, value)
     for old in folder.glob(f"{CARRY_PREFIX}*"):  # the ones no checkpoint names now
@@ -93,6 +103,10 @@ def load(folder: Path) -> Checkpoint | None:
         sink=sink_state_from_json(value["sink"]),
         producer=producer,
         facts=value["facts"],
+        statistics=None
+        if value.get("statistics") is None
+        else CacheStatistics.from_json(value["statistics"]),
+        envelope=value.get("envelope"),
     )
 
 

@@ -27,6 +27,7 @@ _NON_DATA_FIELDS = frozenset(
         "hf_is_private_repo",
         "device",
         "resume",
+        "on_non_finite",
     }
 )
 
@@ -77,6 +78,12 @@ class CacheActivationsRunnerConfig(_UpstreamConfig):
     buffer (or shuffled shard) instead of starting over. The result is identical to
     an uninterrupted run's. A failed run with `resume=True` keeps its staging folder."""
 
+    on_non_finite: Literal["error", "warn"] = "error"
+    """When activations hold NaN or inf as stored (after the cast to `dtype`, so a
+    float16 overflow above 65504 counts): `"error"` stops the run at the first such
+    buffer, naming the hook and the count, and nothing is written; `"warn"` keeps
+    them and counts them in the manifest's `statistics`."""
+
     def __post_init__(self) -> None:
         # Cheap checks on our own fields first, so a bad value fails before the
         # parent's checks (which may look at the dataset).
@@ -120,6 +127,11 @@ class CacheActivationsRunnerConfig(_UpstreamConfig):
             raise ValueError(
                 f"on_dataset_exhausted={self.on_dataset_exhausted!r} is not valid: use "
                 "'warn', 'error' or 'repeat'."
+            )
+        if self.on_non_finite not in ("error", "warn"):
+            raise ValueError(
+                f"on_non_finite={self.on_non_finite!r} is not valid: use 'error' (stop "
+                "at the first NaN or inf) or 'warn' (keep and count them)."
             )
         self._check_hook_names()
         if self.dtype not in _STORABLE_DTYPES:

@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 
 from sae_cache_ext.accounting import merge_summaries
+from sae_cache_ext.envelope import merge_envelopes
+from sae_cache_ext.statistics import merge_statistics
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +129,8 @@ def merge_rank_facts(ranks: list[dict[str, Any]], world: World) -> dict[str, Any
         },
         "caching_seconds": max(facts["caching_seconds"] for facts in ranks),
         "resumed": any(facts["resumed"] for facts in ranks),
+        "statistics": merge_statistics([facts["statistics"] for facts in ranks]),
+        "envelope": merge_envelopes([facts["envelope"] for facts in ranks]),
         "data_parallel": {
             "world_size": world.size,
             "backend": dist.get_backend() if dist.is_initialized() else None,

@@ -104,13 +104,45 @@ def card_text(manifest: dict[str, Any]) -> str:
         f"{exhaustion.get('repeats')} |",
         f"| weights sha256 | `{run.get('weights_sha256')}` |",
         f"| versions | {', '.join(f'{k} {v}' for k, v in manifest.get('versions', {}).items())} |",
+        *_headline_rows(manifest),
         "",
         "Tokens that did not reach the cache, by reason: "
         + ", ".join(f"{reason} {count}" for reason, count in dropped.items())
         + ".",
         "",
         "The full record (config, per-shard sha256, coverage by document length, "
-        "timings) is in `sae_cache_ext_manifest.json`; the runner config in "
+        "per-dimension mean and variance, timings) is in `sae_cache_ext_manifest.json`; the runner config in "
         f"`{CONFIG_FILENAME}`.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _headline_rows(manifest: dict[str, Any]) -> list[str]:
+    """Table rows for the activation statistics and the numeric envelope."""
+    rows = []
+    for hook, stats in (manifest.get("statistics") or {}).items():
+        q = stats["norm_quantiles"]
+        rows.append(
+            f"| `{hook}`: L2 norm mean (1% / 50% / 99%) | {_num(stats['norm_mean'])} "
+            f"({_num(q['0.01'])} / {_num(q['0.5'])} / {_num(q['0.99'])}) |"
+        )
+        rows.append(
+            f"| `{hook}`: max \\|x\\|, non-finite values | "
+            f"{_num(stats['max_abs'])}, {stats['non_finite']} |"
+        )
+    envelope = manifest.get("envelope")
+    if envelope and "skipped" in envelope:
+        rows.append(f"| numeric envelope | not measured: {envelope['skipped']} |")
+    elif envelope:
+        rows.append(
+            f"| numeric envelope ({envelope['rows']} rows re-run in a batch of "
+            f"{envelope['batch_size']}) | max abs error "
+            f"{_num(envelope['max_abs_error'])}, max rel error "
+            f"{_num(envelope['max_rel_error'])}, min cosine "
+            f"{envelope['min_cosine']:.6f} |"
+        )
+    return rows
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"

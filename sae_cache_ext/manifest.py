@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from datasets import Features
 
+from sae_cache_ext.envelope import for_hook
 from sae_cache_ext.staging import MARKER, STATE_COMPLETE
 from sae_cache_ext.writer import CacheSchema, ShardInfo, write_json_atomic
 
@@ -108,7 +109,7 @@ def write_cache_description(
                 marker,
                 {**config, "hook_name": hook, "d_in": width},
                 shards=shards[hook],
-                **{**facts, "run": {**facts["run"], "hook_name": hook, "d_in": width}},
+                **_hook_facts(facts, hook, width),
             )
         facts = {
             **facts,
@@ -119,6 +120,18 @@ def write_cache_description(
             "rows": rows,
         }
     finish_manifest(folder, marker, config, shards=shards.get("", []), **facts)
+
+
+def _hook_facts(facts: dict[str, Any], hook: str, width: int) -> dict[str, Any]:
+    """`facts` as one hook's own manifest records them: its run, its statistics and
+    its part of the envelope."""
+    statistics = facts.get("statistics")
+    return {
+        **facts,
+        "run": {**facts["run"], "hook_name": hook, "d_in": width},
+        "statistics": None if statistics is None else {hook: statistics[hook]},
+        "envelope": for_hook(facts.get("envelope"), hook),
+    }
 
 
 def weights_sha256(model: torch.nn.Module) -> str:

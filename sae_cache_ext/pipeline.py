@@ -5,13 +5,19 @@ model runs here, writes and checkpoints on the writer thread, at most two buffer
 alive at once), then finishes the sink (the shuffle's gather, checkpointed after
 each shard) and describes the result (metadata files and manifest). A run that
 stopped continues from its checkpoint, in either phase, with the same bytes.
+
+Each buffer is checked for NaN and inf here, before it is written
+(`statistics.check_finite`), and its statistics are added on the writer thread, as
+stored; the first buffer also gives the numeric envelope (`envelope.measure`). Both
+travel in the checkpoint.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +25,16 @@ import torch
 from tqdm.auto import tqdm
 from transformer_lens.hook_points import HookedRootModule
 
-from sae_cache_ext import checkpoints, manifest, staging
+from sae_cache_ext import checkpoints, envelope, manifest, staging
 from sae_cache_ext.checkpoints import Checkpoint, Phase
 from sae_cache_ext.config import CacheActivationsRunnerConfig
 from sae_cache_ext.plan import BufferPlan
-from sae_cache_ext.producer import Producer
+from sae_cache_ext.producer import Buffer, Producer
 from sae_cache_ext.shuffle import BucketShuffleSink, OrderedSink, Sink
+from sae_cache_ext.statistics import CacheStatistics, check_finite
 from sae_cache_ext.writer import BackgroundWriter, CacheSchema, WriterStats
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,6 +47,8 @@ class CachingFacts:
     caching_seconds: float
     resumed: bool
     rows: int  # rows this process cached
+    statistics: dict[str, Any] | None  # `CacheStatistics.to_json()`
+    envelope: dict[str, Any] | None  # `Envelope.to_json()`, or why it was skipped
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,6 +77,16 @@ def excluded_tokens(
             str(i): str(tokenizer.convert_ids_to_tokens(i)) for i in ids
         }
     }
+
+
+@dataclass
+class Watch:
+    """What the caching loop learns about the activations as it goes."""
+
+    statistics: CacheStatistics
+    envelope: dict[str, Any] | None = None  # once measured, or skipped
+    warned: bool = False  # about non-finite values
+    check_seconds: float = 0.0  # spent in the non-finite check
 
 
 class Pipeline:
@@ -136,6 +157,7 @@ class Pipeline:
         (continuing from a caching `checkpoint` if given)."""
         started = time.perf_counter()
         sink = self.make_sink(folder)
+        watch = Watch(CacheStatistics.empty(self.schema.hooks))
         if checkpoint is None:
             # a run killed before its first checkpoint may have left files
             sink.restore(sink.state())  # type: ignore[arg-type]
@@ -143,7 +165,10 @@ class Pipeline:
             sink.restore(checkpoint.sink)  # type: ignore[arg-type]
             if checkpoint.producer is not None:
                 self.producer.restore(checkpoint.producer, quiet=self.quiet)
-        stats = self._write_buffers(sink, folder)
+            if checkpoint.statistics is not None:
+                watch.statistics = checkpoint.statistics
+            watch.envelope = checkpoint.envelope
+        stats = self._write_buffers(sink, folder, watch)
         self.producer.finish()
         source = self.producer.source
         facts = CachingFacts(
@@ -153,10 +178,15 @@ class Pipeline:
             caching_seconds=time.perf_counter() - started,
             resumed=checkpoint is not None,
             rows=self.producer.rows_cached,
+            statistics=replace(
+                watch.statistics,
+                seconds=watch.statistics.seconds + watch.check_seconds,
+            ).to_json(),
+            envelope=watch.envelope,
         )
         return sink, facts
 
-    def _write_buffers(self, sink: Sink, folder: Path) -> WriterStats:
+    def _write_buffers(self, sink: Sink, folder: Path, watch: Watch) -> WriterStats:
         """The caching loop: the producer builds each buffer here, the writer
         thread writes it and then saves the checkpoint as of that buffer."""
         plan, producer = self.plan, self.producer
@@ -181,16 +211,67 @@ class Pipeline:
                     writer.release()
                     break
                 buffer, state = item
+                self._inspect(buffer, watch)
 
                 def job(b=buffer, s=state) -> None:
+                    started = time.perf_counter()
+                    watch.statistics.add(b.acts_RTD, self.schema.dtype)
+                    watch.statistics.seconds += time.perf_counter() - started
                     sink.write_buffer(b.number, b.acts_RTD, b.toks_RT, b.order_N)
                     checkpoints.save(
-                        folder, Checkpoint(Phase.CACHING, sink.state(), producer=s)
+                        folder,
+                        Checkpoint(
+                            Phase.CACHING,
+                            sink.state(),
+                            producer=s,
+                            statistics=watch.statistics,
+                            envelope=watch.envelope,
+                        ),
                     )
 
                 writer.submit(job)
                 del buffer, state, item, job
         return writer.stats
+
+    def _inspect(self, buffer: Buffer, watch: Watch) -> None:
+        """Before `buffer` is written: stop at (or warn once about) NaN and inf,
+        and measure the envelope on the first buffer."""
+        started = time.perf_counter()
+        messages = check_finite(
+            buffer.acts_RTD,
+            self.schema.hooks,
+            self.schema.dtype,
+            self.cfg.on_non_finite,
+            buffer.number,
+        )
+        watch.check_seconds += time.perf_counter() - started
+        if messages and not watch.warned:
+            watch.warned = True
+            for message in messages:
+                logger.warning("%s Kept (on_non_finite='warn').", message)
+        if watch.envelope is None:
+            watch.envelope = self._measure_envelope(buffer)
+
+    def _measure_envelope(self, buffer: Buffer) -> dict[str, Any] | None:
+        cfg = self.cfg
+        reason = envelope.skip_reason(
+            excluding=self.producer.source.exclude_ids is not None,
+            sliced=self.plan.context_size != cfg.context_size,
+        )
+        if reason is not None:
+            return {"skipped": reason}
+        measured = envelope.measure(
+            self.model,
+            buffer.acts_RTD,
+            buffer.toks_RT,
+            self.schema.hooks,
+            self.schema.dtype,
+            cfg.model_batch_size,
+            buffer.number,
+            model_kwargs=cfg.model_kwargs,
+            autocast=cfg.autocast_lm,
+        )
+        return None if measured is None else measured.to_json()
 
     # -- finishing --------------------------------------------------------------------
 
@@ -214,6 +295,13 @@ class Pipeline:
             )
         facts = dict(facts)
         caching_seconds = facts.pop("caching_seconds")
+        statistics = facts.pop("statistics", None)
+        if statistics is not None:
+            statistics = CacheStatistics.from_json(statistics)
+        measured = facts.get("envelope") or {}
+        facts["envelope"] = {
+            k: v for k, v in measured.items() if k != "seconds"
+        } or None  # its time goes to the timings
         rows = sum(s.rows for s in next(iter(shards.values())))
         exclude_ids = self.producer.source.exclude_ids
         described = {
@@ -228,8 +316,13 @@ class Pipeline:
             "timings": {
                 "caching_seconds": caching_seconds,
                 "finishing_seconds": time.perf_counter() - cached,
+                "statistics_seconds": None
+                if statistics is None
+                else statistics.seconds,
+                "envelope_seconds": measured.get("seconds"),
             },
             **facts,
+            "statistics": None if statistics is None else statistics.summary(),
         }
         manifest.write_cache_description(
             folder, self.schema, shards, marker, cfg.to_dict(), described

@@ -19,6 +19,7 @@ NEW_FIELDS = {
     "on_dataset_exhausted": "warn",
     "hook_names": None,
     "resume": False,
+    "on_non_finite": "error",
 }
 
 
@@ -95,6 +96,17 @@ def test_exclude_special_tokens_tuple_becomes_a_list(make_cfg):
 def test_unknown_exhaustion_policy_is_refused(make_cfg):
     with pytest.raises(ValueError, match="on_dataset_exhausted"):
         make_cfg(on_dataset_exhausted="loop")
+
+
+def test_unknown_non_finite_policy_is_refused(make_cfg):
+    with pytest.raises(ValueError, match="on_non_finite='ignore'"):
+        make_cfg(on_non_finite="ignore")
+
+
+def test_the_non_finite_policy_does_not_change_the_data_fingerprint(make_cfg):
+    # it decides whether a run finishes, never what a finished cache holds
+    fingerprint = make_cfg().data_fingerprint
+    assert make_cfg(on_non_finite="warn").data_fingerprint == fingerprint
 
 
 def test_bfloat16_is_refused_with_a_fix(make_cfg):

@@ -25,6 +25,7 @@ from sae_cache_ext.distributed import World, rows_of_rank
 from sae_cache_ext.models import load_local_model
 from sae_cache_ext.staging import MARKER, Layout
 from tests.helpers import cli_config, columns
+from tests.test_statistics import assert_statistics_match
 
 ROOT = Path(__file__).resolve().parent.parent
 HOOK = "blocks.1.hook_resid_post"
@@ -127,6 +128,9 @@ def test_two_ranks_cache_the_concatenation_of_their_splits(
         r["documents_read"] for r in parallel["ranks"]
     )
     assert manifest["fingerprint"].endswith("-w2")
+    # both ranks' statistics merged, as if computed over every cached row at once
+    assert_statistics_match(manifest["statistics"][HOOK], acts)
+    assert manifest["envelope"]["rows"] == 2 * 3  # each rank's first buffer
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [MARKER, "dataset_info.json", "state.json"]
         + [f"data-{i:05d}-of-00006.arrow" for i in range(6)]

@@ -137,6 +137,7 @@ def verify_cache(
     if model is None:
         report.skipped.append(f"{CHECK_RERUN}: no model given")
     else:
+        report.envelope = None if manifest is None else manifest.get("envelope")
         check_rerun(dataset, model, config, expected, rows, seed, (atol, rtol), report)
     report.ok = not report.problems
     logger.info("Verified %s: %s", folder, "OK" if report.ok else report.problems)
@@ -161,6 +162,8 @@ def _verify_hook_datasets(
         report.checks += [f"{hook}: {check}" for check in sub.checks]
         report.skipped += [f"{hook}: {reason}" for reason in sub.skipped]
         report.problems += [f"{hook}: {problem}" for problem in sub.problems]
+        if model is not None:
+            report.envelope = manifest.get("envelope")
         if sub.rerun_rows:
             report.rerun_rows = sub.rerun_rows
             report.atol, report.rtol = sub.atol, sub.rtol

@@ -28,6 +28,7 @@ from sae_cache_ext.verify.folder import (
     read_json,
     read_manifest,
 )
+from sae_cache_ext.verify.report import envelope_text
 
 
 def folder_bytes(folder: Path) -> int:
@@ -62,6 +63,14 @@ def describe_cache(path: str | os.PathLike[str]) -> dict[str, Any]:
             },
             "size_bytes": folder_bytes(folder),
             "config": manifest["config"],
+            "manifest": {  # every hook's statistics and envelope
+                **(first["manifest"] or {}),
+                **{
+                    key: manifest[key]
+                    for key in ("statistics", "envelope")
+                    if key in manifest
+                },
+            },
         }
     for name in (STATE_FILE, INFO_FILE):
         if not (folder / name).is_file():
@@ -129,6 +138,33 @@ def _aligned(pairs: list[tuple[str, str]], indent: str) -> list[str]:
     return [f"{indent}{k.ljust(width)}  {v}" for k, v in pairs]
 
 
+def statistics_lines(statistics: dict[str, Any] | None, indent: str) -> list[str]:
+    """One line per hook: tokens, norms, largest magnitude, non-finite values, and
+    the spread of the per-dimension means and variances."""
+    if not statistics:
+        return []
+    pairs = []
+    for hook, stats in statistics.items():
+        q = stats["norm_quantiles"]
+        mean, var = stats["mean"], stats["var"]
+        norm = stats["norm_mean"]
+        pairs.append(
+            (
+                hook,
+                f"{stats['count']:,} tokens; L2 norm mean "
+                f"{_fact_text(norm)}, 1%/50%/99% "
+                f"{_fact_text(q['0.01'])}/{_fact_text(q['0.5'])}/"
+                f"{_fact_text(q['0.99'])}; max |x| {_fact_text(stats['max_abs'])}; "
+                f"non-finite {stats['non_finite']}; per-dimension mean in "
+                f"[{_fact_text(min(mean, default=0.0))}, "
+                f"{_fact_text(max(mean, default=0.0))}], variance in "
+                f"[{_fact_text(min(var, default=0.0))}, "
+                f"{_fact_text(max(var, default=0.0))}]",
+            )
+        )
+    return [f"{indent}statistics", *_aligned(pairs, indent + "  ")]
+
+
 def format_description(desc: dict[str, Any]) -> str:
     """`describe_cache`'s dict as human-readable lines."""
     tokens = desc["tokens"]
@@ -161,8 +197,15 @@ def format_description(desc: dict[str, Any]) -> str:
         )
     facts = desc["manifest"] or {}
     shown = ("tool", "rows", "tokens", *tables.SHOWN)  # in the lines above or below
-    pairs += [(k, _fact_text(v)) for k, v in sorted(facts.items()) if k not in shown]
+    special = ("statistics", "envelope")  # below, in their own words
+    pairs += [
+        (k, _fact_text(v)) for k, v in sorted(facts.items()) if k not in shown + special
+    ]
+    envelope = envelope_text(facts.get("envelope"))
+    if envelope is not None:
+        pairs.append(("envelope", envelope))
     lines = [f"Activation cache at {desc['path']}", *_aligned(pairs, "  ")]
+    lines += statistics_lines(facts.get("statistics"), "  ")
     lines += tables.format_accounting(facts)
     lines += ["  schema", *_aligned(list(desc["schema"].items()), "    ")]
     if desc["config"] is not None:

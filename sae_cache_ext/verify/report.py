@@ -5,6 +5,7 @@ fill in."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 CHECK_MANIFEST = "manifest"
 CHECK_FILES = "data files"
@@ -32,6 +33,8 @@ class VerifyReport:
     activation_scale: float | None = None
     atol: float | None = None
     rtol: float | None = None
+    envelope: dict[str, Any] | None = None
+    """The numeric envelope the manifest recorded at caching (with a model)."""
 
     def format(self) -> str:
         n = len(self.problems)
@@ -48,9 +51,27 @@ class VerifyReport:
                 f"{self.activation_scale:.3g}; tolerance atol {self.atol:g} x scale, "
                 f"rtol {self.rtol:g})"
             )
+        envelope = envelope_text(self.envelope)
+        if envelope is not None:
+            lines.append(f"  envelope recorded at caching: {envelope}")
         lines += [f"  skipped: {reason}" for reason in self.skipped]
         lines += [f"  problem: {problem}" for problem in self.problems]
         return "\n".join(lines)
+
+
+def envelope_text(envelope: dict[str, Any] | None) -> str | None:
+    """The envelope in words (None when the manifest has none)."""
+    if not envelope:
+        return None
+    if "skipped" in envelope:
+        return f"not measured: {envelope['skipped']}"
+    return (
+        f"{envelope['rows']} cached rows re-run in one batch of "
+        f"{envelope['batch_size']} (cached in batches of "
+        f"{envelope['original_batch_size']}): max abs error "
+        f"{envelope['max_abs_error']:.3g}, max rel error "
+        f"{envelope['max_rel_error']:.3g}, min cosine {envelope['min_cosine']:.9f}"
+    )
 
 
 @dataclass
