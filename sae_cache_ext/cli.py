@@ -104,6 +104,19 @@ def _load_dataset(cfg: CacheActivationsRunnerConfig):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """`run`; Ctrl-C ends it with one line saying how to go on, and status 130."""
+    try:
+        return _run(args)
+    except KeyboardInterrupt as interrupt:
+        how = " ".join(getattr(interrupt, "__notes__", [])) or (
+            "Nothing was kept; rerun to start again (with resume=True, an "
+            "interrupted run keeps its work)."
+        )
+        print(f"sae-cache-ext: interrupted. {how}", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
     from sae_cache_ext.distributed import rank_device, world_from_env
     from sae_cache_ext.runner import CacheActivationsRunner
     from sae_cache_ext.verify import folder_bytes

@@ -104,6 +104,11 @@ class Pipeline:
             sink, caching = self.cache(folder, checkpoint)
             facts = caching.to_json()
             del facts["rows"]
+            # caching is complete: a failure from here on keeps the folder
+            sink.sync()
+            checkpoints.save(
+                folder, Checkpoint(Phase.GATHER, sink.state(), facts=facts)
+            )
         self.finish(folder, sink, facts, marker)
 
     def resume_sink(self, folder: Path, checkpoint: Checkpoint) -> Sink:
@@ -168,6 +173,7 @@ class Pipeline:
 
                 def job(b=buffer, s=state) -> None:
                     sink.write_buffer(b.number, b.acts_RTD, b.toks_RT, b.order_N)
+                    sink.sync()  # what the checkpoint counts is on disk first
                     checkpoints.save(
                         folder, Checkpoint(Phase.CACHING, sink.state(), producer=s)
                     )
