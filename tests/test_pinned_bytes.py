@@ -60,6 +60,8 @@ DP_TRAINING_TOKENS = 45 * ROW  # 23 + 22 rows on 2 ranks
 # Manifest entries that vary from run to run or with the output path.
 VOLATILE = ("created", "final_path", "fingerprint", "timings", "versions")
 VOLATILE_RUN = ("torch_num_threads", "torch_initial_seed", "deterministic_algorithms")
+# a local dataset's fingerprint holds its files' mtimes
+VOLATILE_INPUTS = ("dataset",)
 VOLATILE_WRITER = ("max_queue_depth", "stall_seconds", "stalls", "write_seconds")
 # the libraries the bytes depend on
 PACKAGES = (
@@ -141,79 +143,79 @@ PINNED_MANIFESTS: dict[str, dict[str, dict[str, Any]]] = {
         "sae_cache_ext_manifest.json": {
             "rows": 26,
             "shard_rows": [8, 8, 8, 2],
-            "facts_sha256": "a27681d441ae03f05e248f0c2bec0c71f6531a111b923d4f9a4c39472d48e8d9",
+            "facts_sha256": "e4e11841454e59bff3bcda89dc396c5ea0b50172c306ea5e98d5174536362843",
         }
     },
     "plain-resumed": {
         "sae_cache_ext_manifest.json": {
             "rows": 26,
             "shard_rows": [8, 8, 8, 2],
-            "facts_sha256": "1fa183052941bdaa7d3d0ecda4edf83dd70113fdfa1d65a040deb140878e23a4",
+            "facts_sha256": "827c5776c37f92023ed2854506af86aa2628288f9f0523db938f9c5c6ea61f97",
         }
     },
     "shuffled": {
         "sae_cache_ext_manifest.json": {
             "rows": 26,
             "shard_rows": [3, 9, 6, 8],
-            "facts_sha256": "25e57638a5135b108cea97c1433d02597819b8432912c46d9c621cdaedb856d2",
+            "facts_sha256": "48c3d0b2116f58e816b96a585dca598eb919561bc37ab61352749c5ec66f60f5",
         }
     },
     "shuffled-resumed": {
         "sae_cache_ext_manifest.json": {
             "rows": 26,
             "shard_rows": [3, 9, 6, 8],
-            "facts_sha256": "73b0ff7a5844d6c7a5def46c65f569cb54e4d158c59e2bb85eaa0134fb7852fd",
+            "facts_sha256": "266cb1c1ce76ecd66b53c34d3fc776e29264d28a1e39d75246e2c434192da2e1",
         }
     },
     "hooks": {
         "blocks.0.attn.hook_z/sae_cache_ext_manifest.json": {
             "rows": 26,
             "shard_rows": [7, 7, 6, 6],
-            "facts_sha256": "03130ddcd7d5f91f906ce86468f11be8f38f2ac99c0313fc7800ba0ac9550232",
+            "facts_sha256": "355c5e79f55cef9a208a1a013b2c86c03f9d16d558464af07150a144019ac592",
         },
         "blocks.0.hook_resid_post/sae_cache_ext_manifest.json": {
             "rows": 26,
             "shard_rows": [7, 7, 6, 6],
-            "facts_sha256": "1943482a234cbb8b7d04134906b3e89667773b8922dbb6452ce9461ccbd21c66",
+            "facts_sha256": "179a93c7014f9a7807ef976925370c53a3c8dccb142ca462d9562501dc6eb0c5",
         },
         "blocks.0.mlp.hook_post/sae_cache_ext_manifest.json": {
             "rows": 26,
             "shard_rows": [7, 7, 6, 6],
-            "facts_sha256": "f8d143f91954d55eb0081a740c02dae07de03a84c33f194c3c57255783c35775",
+            "facts_sha256": "36a07e28a73a3f08aa46867b9c6055eb5659b764e4ab05b8cf594eb63aab2624",
         },
         "sae_cache_ext_manifest.json": {
             "rows": 26,
             "shard_rows": [],
-            "facts_sha256": "0ba84d79528f4ae78415b440312168a0662612c591f2dde794a5fde2272ed95f",
+            "facts_sha256": "eb183e69d92e87354ceff2083a47317a596c911b5038cc3d740fe09cfeaffb6e",
         },
     },
     "hooks-resumed": {
         "blocks.0.attn.hook_z/sae_cache_ext_manifest.json": {
             "rows": 26,
             "shard_rows": [7, 7, 6, 6],
-            "facts_sha256": "ca15ba7005ca70ff13aba3502aae262e69e93b93219be2480598a856e31abd66",
+            "facts_sha256": "fb473a9e51e2e2bc0e222d35cfb5def19b4a74bc7560b76a9c426013f7268629",
         },
         "blocks.0.hook_resid_post/sae_cache_ext_manifest.json": {
             "rows": 26,
             "shard_rows": [7, 7, 6, 6],
-            "facts_sha256": "72c1540b1c58a7bf68a9c1f741075e5bc1ccc0a5fd3fd6bd8f9d26603ec55b8d",
+            "facts_sha256": "5be5a8ee8a8b2166cc7e9c25b1bb54ef3af6db7ff8354fdd8f6fad69ea3d45e0",
         },
         "blocks.0.mlp.hook_post/sae_cache_ext_manifest.json": {
             "rows": 26,
             "shard_rows": [7, 7, 6, 6],
-            "facts_sha256": "46e71e62f6793ff18c1d4abc0bcdd1e730f032801993f11911b829b22a36ac40",
+            "facts_sha256": "088ea570c16c74067aa38b91c35ac23efda1971511ad30655549404156181ea4",
         },
         "sae_cache_ext_manifest.json": {
             "rows": 26,
             "shard_rows": [],
-            "facts_sha256": "e789e6e35f44b308e72ab4a73a95a6e4dfb0f7ed2d5b9303077b9cc02850e933",
+            "facts_sha256": "35ad1a21fb3e13874c351521d3246b7a6ba65b8ad59bb0f4da6a874b7958a66a",
         },
     },
     "data_parallel": {
         "sae_cache_ext_manifest.json": {
             "rows": 45,
             "shard_rows": [7, 9, 5, 10, 6, 8],
-            "facts_sha256": "c6a6cce4d9e28cca8f6e7f3ddc1ac92fb7693233f06f2f6d8d1cfd39bb6c39f3",
+            "facts_sha256": "96e3b2695cef068402bfac009540204bf3f862f75a23c0c56c6849ad5cab9449",
         }
     },
 }
@@ -276,6 +278,11 @@ def _manifest_facts(manifest: dict[str, Any], tmp_roots: tuple[str, ...]) -> dic
         facts["run"] = {
             k: ("<volatile>" if k in VOLATILE_RUN else v)
             for k, v in facts["run"].items()
+        }
+    if "inputs" in facts:
+        facts["inputs"] = {
+            k: ("<volatile>" if k in VOLATILE_INPUTS else v)
+            for k, v in facts["inputs"].items()
         }
     if "writer" in facts:
         facts["writer"] = {
