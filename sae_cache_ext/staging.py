@@ -245,8 +245,9 @@ def staging_area(
 ) -> Iterator[Path]:
     """A staging folder with our marker (holding `extra` too): fresh, or (`reuse`)
     the one an interrupted run left. If the block fails it is removed, unless
-    `keep_on_error(error)` gives a reason to keep it (added to the error as a note),
-    or the run no longer holds `lease` (another run owns the folder now)."""
+    `keep_on_error(error)` gives a reason to keep it (logged, or for Ctrl-C added
+    to the interrupt as a note), or the run no longer holds `lease` (another run
+    owns the folder now)."""
     layout.final.parent.mkdir(parents=True, exist_ok=True)
     staging = layout.staging
     if not reuse:
@@ -272,8 +273,9 @@ def staging_area(
         if keep_on_error is not None and staging.exists():
             reason = keep_on_error(error)
         if reason is not None:
-            error.add_note(reason)
-            if not isinstance(error, KeyboardInterrupt):
+            if isinstance(error, KeyboardInterrupt):  # said in one line by the CLI
+                error.add_note(reason)
+            else:  # logged: the error's own message stays the last line
                 logger.warning("%s", reason)
         elif staging.exists() and _belongs_to(read_marker(staging), layout):
             shutil.rmtree(staging, ignore_errors=True)
