@@ -273,3 +273,16 @@ def test_the_heartbeat_renews_the_lease_and_notices_a_takeover(tmp_path):
         held.check()
     held.release()
     assert json.loads(path.read_text())["run_id"] == "other"  # not ours to remove
+
+
+def test_a_just_created_unmarked_staging_folder_of_a_live_run_is_not_deleted(
+    make_cfg, tiny_model, corpus
+):
+    cfg = make_cfg()
+    layout = Layout.for_output(cfg.new_cached_activations_path)
+    # another live run has taken the lease and created its folder, not yet marked
+    with Lease.acquire(layout.lease):
+        layout.staging.mkdir()
+        with pytest.raises(LeaseHeldError, match="in use by another sae-cache-ext run"):
+            run_ours(cfg, tiny_model, corpus)
+        assert layout.staging.is_dir()
