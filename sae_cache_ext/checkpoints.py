@@ -8,7 +8,9 @@ The caching phase also carries the activation statistics so far and the envelope
 `checkpoint.json` holds it; tensors carried from one buffer to the next go beside it
 in a `carry-*.pt` file that the checkpoint names. Each is written under a new name
 or replaced atomically, so a crash leaves the previous checkpoint or the new one,
-never a mix.
+never a mix. What a checkpoint counts is on stable storage before it is: the sink
+syncs its files (`Sink.sync`) before `save`, which syncs the carried tensors, the
+checkpoint and the folder's entries.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch
 from sae_cache_ext.producer import ProducerState
 from sae_cache_ext.shuffle import SinkState, sink_state_from_json
 from sae_cache_ext.source import SourceState
+from sae_cache_ext.staging import fsync_dir
 from sae_cache_ext.statistics import CacheStatistics
 from sae_cache_ext.writer import write_json_atomic
 
@@ -58,7 +61,10 @@ def save(folder: Path, checkpoint: Checkpoint) -> None:
     if producer is not None and producer.carry is not None:
         carry_name = f"{CARRY_PREFIX}{time.time_ns()}.pt"
         tmp = folder / (carry_name + ".tmp")
-        torch.save(producer.carry, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(producer.carry, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, folder / carry_name)
     value = {
         "phase": checkpoint.phase.value,
@@ -78,6 +84,7 @@ def save(folder: Path, checkpoint: Checkpoint) -> None:
         "envelope": checkpoint.envelope,
     }
     write_json_atomic(folder / CHECKPOINT, value)
+    fsync_dir(folder)  # the new names are durable before the old carry goes
     for old in folder.glob(f"{CARRY_PREFIX}*"):  # the ones no checkpoint names now
         if old.name != carry_name:
             old.unlink(missing_ok=True)

@@ -65,6 +65,19 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """`run`; Ctrl-C ends it with one line saying how to go on, and status 130."""
+    try:
+        return _run(args)
+    except KeyboardInterrupt as interrupt:
+        how = " ".join(getattr(interrupt, "__notes__", [])) or (
+            "Nothing was kept; rerun to start again (with resume=True, an "
+            "interrupted run keeps its work)."
+        )
+        print(f"sae-cache-ext: interrupted. {how}", file=sys.stderr)
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
     cfg = load_checked_config(args.config, args.set or [])
     runner, run_seconds = build_and_run(cfg, quiet=args.quiet)
     summary = summarize(cfg, runner, run_seconds, time.perf_counter() - args.started)

@@ -28,6 +28,8 @@ _NON_DATA_FIELDS = frozenset(
         "device",
         "resume",
         "on_non_finite",
+        "lease_stale_seconds",
+        "wait_for_lease",
     }
 )
 
@@ -76,7 +78,19 @@ class CacheActivationsRunnerConfig(_UpstreamConfig):
     resume: bool = False
     """Continue an interrupted run at the same output path from its last completed
     buffer (or shuffled shard) instead of starting over. The result is identical to
-    an uninterrupted run's. A failed run with `resume=True` keeps its staging folder."""
+    an uninterrupted run's. A failed run with `resume=True` keeps its staging folder.
+    A resume refuses (and keeps the work) when the config, the dataset, the model's
+    weights or the device differ from the interrupted run's; `resume=False` starts
+    over."""
+
+    lease_stale_seconds: float = 120.0
+    """A run holds a lease on its output path, renewed every `lease_stale_seconds/12`
+    seconds (at most 10) while it lives; another run (on any host sharing the
+    filesystem) takes it over only once it has not been renewed for this long."""
+
+    wait_for_lease: bool = False
+    """When another live run holds the output path's lease: False refuses at once,
+    naming it; True waits until it is released (or goes stale)."""
 
     on_non_finite: Literal["error", "warn"] = "error"
     """When activations hold NaN or inf as stored (after the cast to `dtype`, so a
@@ -134,6 +148,14 @@ class CacheActivationsRunnerConfig(_UpstreamConfig):
                 "at the first NaN or inf) or 'warn' (keep and count them)."
             )
         self._check_hook_names()
+        if isinstance(self.lease_stale_seconds, bool) or not (
+            isinstance(self.lease_stale_seconds, (int, float))
+            and self.lease_stale_seconds > 0
+        ):
+            raise ValueError(
+                f"lease_stale_seconds={self.lease_stale_seconds!r} must be a positive "
+                "number of seconds (default 120)."
+            )
         if self.dtype not in _STORABLE_DTYPES:
             raise ValueError(
                 f"dtype={self.dtype!r} cannot be stored: the `datasets` Array2D feature "
@@ -186,13 +208,16 @@ class CacheActivationsRunnerConfig(_UpstreamConfig):
         Two runs with the same fingerprint produce the same dataset; it identifies a
         run's leftovers and a finished cache.
         """
-        values = {
+        blob = json.dumps(self.data_fields(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def data_fields(self) -> dict[str, Any]:
+        """The fields that change the cached data, as JSON-ready values."""
+        return {
             f.name: v
             for f, v in zip(fields(self), self.to_dict().values(), strict=True)
             if f.name not in _NON_DATA_FIELDS
         }
-        blob = json.dumps(values, sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
 
     def run_fingerprint(self, world_size: int = 1) -> str:
         """`data_fingerprint`, and the number of processes when there are several
@@ -208,3 +233,14 @@ class CacheActivationsRunnerConfig(_UpstreamConfig):
         values = {f.name: getattr(upstream, f.name) for f in fields(upstream)}
         values.update(new_fields)
         return cls(**values)
+
+
+def changed_fields(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """The data fields whose values differ between two `to_dict()`s, as
+    `name: before -> now` lines."""
+    names = sorted((set(before) | set(now)) - _NON_DATA_FIELDS)
+    return [
+        f"{name}: {before.get(name)!r} -> {now.get(name)!r}"
+        for name in names
+        if before.get(name) != now.get(name)
+    ]

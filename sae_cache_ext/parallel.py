@@ -46,16 +46,13 @@ def rank_folder(folder: Path, rank: int) -> Path:
 
 
 def run_data_parallel(
-    pipeline: Pipeline,
-    world: World,
-    layout: staging.Layout,
-    fingerprint: str,
-    resume: bool,
+    pipeline: Pipeline, world: World, run: lifecycle.Run | None
 ) -> None:
-    """Cache this rank's part; on rank 0, also merge, finish and swap. Returns on
-    every rank once the cache is in place."""
+    """Cache this rank's part; on rank 0 (given `run`), also merge, finish and
+    swap. Returns on every rank once the cache is in place."""
     if world.is_main:
-        _lead(pipeline, world, layout, fingerprint, resume)
+        assert run is not None
+        _lead(pipeline, world, run)
     else:
         plan: RankPlan = world.broadcast(None)
         if plan.error is not None:
@@ -67,38 +64,33 @@ def run_data_parallel(
     world.barrier()  # the cache is in place
 
 
-def _lead(
-    pipeline: Pipeline,
-    world: World,
-    layout: staging.Layout,
-    fingerprint: str,
-    resume: bool,
-) -> None:
-    """Rank 0's part. Any error before the plan is sent reaches the other ranks
-    (they are waiting for the plan)."""
+def _lead(pipeline: Pipeline, world: World, run: lifecycle.Run) -> None:
+    """Rank 0's part, holding the output path's lease. Any error before the plan
+    is sent reaches the other ranks (they are waiting for the plan)."""
     plan_sent = False
     try:
-        recovery = lifecycle.recover(layout, fingerprint, resume)
-        if recovery.finished:
-            plan_sent = True
-            world.broadcast(RankPlan(finished=True))
-            return
-        pipeline.start_run_facts()
-        with lifecycle.staged(
-            layout, fingerprint, recovery, keep_on_error=resume
-        ) as folder:
-            plan = RankPlan(
-                folder=str(folder),
-                resumable=recovery.resumable,
-                built=staging.is_our_finished_cache(folder),
-                n_buckets=pipeline.n_buckets,
-            )
-            plan_sent = True
-            world.broadcast(plan)
-            if not plan.built:
-                cache_rank(pipeline, world, folder, plan.resumable)
-                world.barrier()  # every rank has cached its part
-                merge_ranks(pipeline, world, folder, plan.resumable)
+        with lifecycle.owned(run) as lease:
+            recovery = lifecycle.recover(run, lease)
+            if recovery.finished:
+                plan_sent = True
+                world.broadcast(RankPlan(finished=True))
+                return
+            if recovery.plan is not None:  # the kept run's, e.g. its buckets
+                pipeline.n_buckets = recovery.plan["n_buckets"]
+            pipeline.start_run_facts()
+            with lifecycle.staged(run, recovery, lease) as folder:
+                plan = RankPlan(
+                    folder=str(folder),
+                    resumable=recovery.resumable,
+                    built=staging.is_our_finished_cache(folder),
+                    n_buckets=pipeline.n_buckets,
+                )
+                plan_sent = True
+                world.broadcast(plan)
+                if not plan.built:
+                    cache_rank(pipeline, world, folder, plan.resumable)
+                    world.barrier()  # every rank has cached its part
+                    merge_ranks(pipeline, world, folder, plan.resumable)
     except BaseException as error:
         if not plan_sent:
             world.broadcast(RankPlan(error=f"{type(error).__name__}: {error}"))
@@ -117,6 +109,7 @@ def cache_rank(pipeline: Pipeline, world: World, folder: Path, resumable: bool) 
     own.mkdir(exist_ok=True)
     checkpoint = checkpoints.load(own) if resumable else None
     sink, facts = pipeline.cache(own, checkpoint)
+    sink.sync()  # `done.json` counts these bytes
     sink.close()
     write_json_atomic(done, {"sink": sink.state().to_json(), "facts": facts.to_json()})
 

@@ -141,6 +141,11 @@ class Pipeline:
             sink, caching = self.cache(folder, checkpoint)
             facts = caching.to_json()
             del facts["rows"]
+            # caching is complete: a failure from here on keeps the folder
+            sink.sync()
+            checkpoints.save(
+                folder, Checkpoint(Phase.GATHER, sink.state(), facts=facts)
+            )
         self.finish(folder, sink, facts, marker)
 
     def resume_sink(self, folder: Path, checkpoint: Checkpoint) -> Sink:
@@ -218,6 +223,7 @@ class Pipeline:
                     watch.statistics.add(b.acts_RTD, self.schema.dtype)
                     watch.statistics.seconds += time.perf_counter() - started
                     sink.write_buffer(b.number, b.acts_RTD, b.toks_RT, b.order_N)
+                    sink.sync()  # what the checkpoint counts is on disk first
                     checkpoints.save(
                         folder,
                         Checkpoint(

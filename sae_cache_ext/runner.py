@@ -23,6 +23,7 @@ from transformer_lens.hook_points import HookedRootModule
 from sae_cache_ext import checkpoints, hub, lifecycle, staging
 from sae_cache_ext.config import CacheActivationsRunnerConfig
 from sae_cache_ext.distributed import World, rank_device, world_from_env
+from sae_cache_ext.inputs import Inputs, dataset_fingerprint, device_kind
 from sae_cache_ext.parallel import run_data_parallel
 from sae_cache_ext.pipeline import Pipeline
 from sae_cache_ext.plan import BufferPlan
@@ -139,24 +140,54 @@ class CacheActivationsRunner(_UpstreamRunner):
         split of the data, so the cache, depends on it)."""
         return self.cfg.run_fingerprint(self.world.size)
 
+    def identity(self) -> lifecycle.Run:
+        """This run at its output path: config, inputs (the weights are hashed
+        here) and the plan's derived values."""
+        cfg, plan = self.cfg, self.plan
+        facts = self.pipeline.start_run_facts().result()
+        return lifecycle.Run(
+            layout=self.layout,
+            fingerprint=self.fingerprint,
+            config=cfg.to_dict(),
+            inputs=Inputs(
+                dataset=dataset_fingerprint(
+                    self.source.store.dataset, cfg.dataset_path
+                ),
+                weights_sha256=facts["weights_sha256"],
+                device=device_kind(self.model),
+            ),
+            plan={
+                "n_buckets": self.pipeline.n_buckets,
+                "rows_per_buffer": plan.rows_per_buffer,
+                "context_size": plan.context_size,
+                "rows_of_ranks": [plan.rows_of(r) for r in range(self.world.size)],
+            },
+            resume=cfg.resume,
+            lease_stale_seconds=cfg.lease_stale_seconds,
+            wait_for_lease=cfg.wait_for_lease,
+        )
+
     @torch.no_grad()
     def run(self) -> Dataset:
-        cfg = self.cfg
         if self.world.distributed:
             run_data_parallel(
-                self.pipeline, self.world, self.layout, self.fingerprint, cfg.resume
+                self.pipeline,
+                self.world,
+                self.identity() if self.world.is_main else None,
             )
             return self._publish(self._load_result())
-        recovery = lifecycle.recover(self.layout, self.fingerprint, cfg.resume)
-        if not recovery.finished:
-            with lifecycle.staged(
-                self.layout, self.fingerprint, recovery, keep_on_error=cfg.resume
-            ) as folder:
-                if not staging.is_our_finished_cache(folder):
-                    checkpoint = (
-                        checkpoints.load(folder) if recovery.resumable else None
-                    )
-                    self.pipeline.build(folder, checkpoint)
+        run = self.identity()
+        with lifecycle.owned(run) as lease:
+            recovery = lifecycle.recover(run, lease)
+            if not recovery.finished:
+                if recovery.plan is not None:  # the kept run's, e.g. its buckets
+                    self.pipeline.n_buckets = recovery.plan["n_buckets"]
+                with lifecycle.staged(run, recovery, lease) as folder:
+                    if not staging.is_our_finished_cache(folder):
+                        checkpoint = (
+                            checkpoints.load(folder) if recovery.resumable else None
+                        )
+                        self.pipeline.build(folder, checkpoint)
         return self._publish(self._load_result())
 
     def _load_result(self) -> Dataset:

@@ -175,6 +175,28 @@ def _write_shards(
     )
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_size(path: Path, recorded: int) -> int:
+    """The size of `path`, refusing one shorter than the checkpoint recorded (its
+    end was lost, e.g. in a power cut: padding it would drop rows silently)."""
+    size = path.stat().st_size if path.exists() else None
+    if size is None or size < recorded:
+        raise ValueError(
+            f"Cannot resume: {path} "
+            + ("is missing" if size is None else f"holds {size} bytes")
+            + f" but the checkpoint recorded {recorded} bytes (its end was lost, "
+            "e.g. in a power cut). Rerun with resume=False to start over."
+        )
+    return size
+
+
 def _make_output_folders(folder: Path, schema: CacheSchema) -> None:
     for subdir, _ in schema.outputs:
         (folder / subdir).mkdir(exist_ok=True)
@@ -210,8 +232,19 @@ class OrderedSink:
         """What a resumed run needs to know of the buffers written so far."""
         return OrderedState(dict(self._shards))
 
+    def sync(self) -> None:
+        """Make the written shards' names durable (their bytes already are)."""
+        for subdir, _ in self.schema.outputs:
+            _fsync_dir(self.folder / subdir)
+
     def restore(self, state: OrderedState) -> None:
-        """Take back the written buffers; drop files of buffers written later."""
+        """Take back the written buffers (refusing a shard shorter than recorded);
+        drop files of buffers written later."""
+        for infos in state.shards.values():
+            for (subdir, _), info in zip(self.schema.outputs, infos, strict=True):
+                path = self.folder / subdir / info.filename
+                if path.exists():  # (the gather may have renamed it already)
+                    _check_size(path, info.nbytes)
         self._shards = dict(state.shards)
         known = {f"buffer-{i:05d}.arrow" for i in self._shards}
         for subdir, _ in self.schema.outputs:
@@ -283,6 +316,7 @@ class BucketShuffleSink:
             int, tuple[pa.NativeFile, pa.ipc.RecordBatchStreamWriter]
         ] = {}
         self._gather: GatherState | None = None
+        self._synced: dict[int, int] = {}  # bucket -> bytes on stable storage
 
     def _stream(self, k: int) -> pa.ipc.RecordBatchStreamWriter:
         if k not in self._streams:
@@ -337,15 +371,32 @@ class BucketShuffleSink:
             gather=self._gather,
         )
 
+    def sync(self) -> None:
+        """Put what was written since the last call on stable storage (file data,
+        then the bucket folder's new names): a checkpoint may then count it."""
+        for k, (sink, _) in self._streams.items():
+            if self._synced.get(k) != sink.tell():
+                os.fdatasync(sink.fileno())
+                self._synced[k] = sink.tell()
+        _fsync_dir(self._bucket_dir)
+
     def restore(self, state: BucketState) -> None:
-        """Cut every part back to its size at the checkpoint, drop later files, and
-        write further buffers to new parts (or continue the gather it records)."""
+        """Cut every part back to its size at the checkpoint (refusing, untouched,
+        one shorter than recorded), drop later files, and write further buffers to
+        new parts (or continue the gather it records)."""
         self._session = state.session + 1
         self._parts = {}
+        self._synced = {}
         keep = set()
+        sizes = {
+            name: (_check_size(self._bucket_dir / name, size), size)
+            for parts in state.parts.values()
+            for name, size in parts
+        }
         for k, parts in state.parts.items():
             for name, size in parts:
-                os.truncate(self._bucket_dir / name, size)
+                if sizes[name][0] > size:  # bytes written after the checkpoint
+                    os.truncate(self._bucket_dir / name, size)
                 self._parts.setdefault(k, []).append(name)
                 keep.add(name)
         for path in self._bucket_dir.iterdir():

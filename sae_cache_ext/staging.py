@@ -8,6 +8,9 @@ ours and names the output path it belongs to; anything without one is never touc
     <parent>/<name>                              the output path (final)
     <parent>/.<name>.sae-cache-ext-staging       the dataset being built
     <parent>/.<name>.sae-cache-ext-backup        whatever stood at <name>, mid-swap
+    <parent>/.<name>.sae-cache-ext-lease         the live run's lease (`lease`)
+
+Everything here that deletes runs under the lease, which the run took first.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sae_cache_ext.lease import Lease
 from sae_cache_ext.writer import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -51,6 +55,10 @@ class Layout:
     @property
     def backup(self) -> Path:
         return self.final.parent / f".{self.final.name}.sae-cache-ext-backup"
+
+    @property
+    def lease(self) -> Path:
+        return self.final.parent / f".{self.final.name}.sae-cache-ext-lease"
 
 
 def read_marker(folder: Path) -> dict[str, Any] | None:
@@ -115,7 +123,7 @@ def _is_unstarted_staging(path: Path) -> bool:
     )
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -124,17 +132,24 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def recover(layout: Layout, resume_fingerprint: str | None = None) -> tuple[bool, bool]:
+def recover(
+    layout: Layout,
+    resume: Callable[[dict[str, Any]], bool] | None = None,
+    lease: Lease | None = None,
+) -> tuple[bool, bool]:
     """Clean up what a crashed run at this output path left behind.
 
     Removes only folders that carry our marker for this output path (or are empty);
     raises `FileExistsError` for anything else standing at our private names, and
-    `RuntimeError` when another live process is writing there. A staging folder made
-    with `resume_fingerprint` is kept for the run to continue.
+    `RuntimeError` when another live process is writing there. With `resume`, a
+    staging folder of ours is kept when `resume(marker)` says so (it raises to
+    refuse a folder it must neither continue nor delete). Run it holding `lease`.
 
     Returns `(swap_finished, resumable)`: whether a crashed swap was completed here
     (the finished dataset is in place), and whether a staging folder was kept.
     """
+    if lease is not None:
+        lease.check()
     swap_finished = False
     backup = layout.backup
     if backup.exists() or backup.is_symlink():
@@ -172,20 +187,12 @@ def recover(layout: Layout, resume_fingerprint: str | None = None) -> tuple[bool
                     f"to {layout.final} (staging at {staging}). Wait for it to finish "
                     "or stop it; two runs cannot share an output path."
                 )
-            if resume_fingerprint is not None and (
-                marker.get("fingerprint") == resume_fingerprint
-            ):
-                logger.warning(
-                    "Resuming the interrupted run at %s from %s.", layout.final, staging
-                )
+            if resume is not None and resume(marker):
                 return swap_finished, True
             logger.warning(
-                "Removing the leftovers of an interrupted run at %s (staging folder %s)%s.",
+                "Removing the leftovers of an interrupted run at %s (staging folder %s).",
                 layout.final,
                 staging,
-                ""
-                if resume_fingerprint is None
-                else "; its config differs, so it cannot be resumed",
             )
             shutil.rmtree(staging)
         else:
@@ -205,9 +212,12 @@ def check_output_free(layout: Layout) -> None:
             "Choose a folder path that does not exist yet or is empty."
         )
     if final.is_dir() and any(final.iterdir()):
+        # sae-lens's sentence, word for word, then ours
         raise FileExistsError(
-            f"new_cached_activations_path={str(final)!r} is not empty. Delete it or "
-            "choose a different path; sae-cache-ext never overwrites existing files."
+            f"Activations directory ({final}) is not empty. Please delete it or "
+            "specify a different path. Exiting the script to prevent accidental "
+            f"deletion of files. (new_cached_activations_path={str(final)!r}; "
+            "sae-cache-ext never overwrites existing files.)"
         )
 
 
@@ -226,11 +236,18 @@ def new_marker(layout: Layout, fingerprint: str, **extra: Any) -> dict[str, Any]
 
 @contextlib.contextmanager
 def staging_area(
-    layout: Layout, fingerprint: str, reuse: bool = False, keep_on_error: bool = False
+    layout: Layout,
+    fingerprint: str,
+    reuse: bool = False,
+    keep_on_error: Callable[[BaseException], str | None] | None = None,
+    lease: Lease | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Iterator[Path]:
-    """A staging folder with our marker: fresh, or (`reuse`) the one an interrupted
-    run left. If the block fails it is removed, unless `keep_on_error` (a run with
-    `resume=True` keeps it so that a rerun continues)."""
+    """A staging folder with our marker (holding `extra` too): fresh, or (`reuse`)
+    the one an interrupted run left. If the block fails it is removed, unless
+    `keep_on_error(error)` gives a reason to keep it (logged, or for Ctrl-C added
+    to the interrupt as a note), or the run no longer holds `lease` (another run
+    owns the folder now)."""
     layout.final.parent.mkdir(parents=True, exist_ok=True)
     staging = layout.staging
     if not reuse:
@@ -239,18 +256,27 @@ def staging_area(
         marker = read_marker(staging) if reuse else None
         write_json_atomic(
             staging / MARKER,
-            {**(marker or {}), **new_marker(layout, fingerprint)}
+            {**(marker or {}), **new_marker(layout, fingerprint, **(extra or {}))}
             if marker is None or marker.get("state") != STATE_COMPLETE
             else marker,
         )
         yield staging
-    except BaseException:
-        if keep_on_error and staging.exists():
-            logger.warning(
-                "The run failed; its work so far is kept in %s. Rerun with "
-                "resume=True to continue, or with resume=False to start over.",
+    except BaseException as error:
+        if lease is not None and not lease.held():
+            logger.error(
+                "This run no longer holds the lease on %s: %s is left untouched.",
+                layout.final,
                 staging,
             )
+            raise
+        reason = None
+        if keep_on_error is not None and staging.exists():
+            reason = keep_on_error(error)
+        if reason is not None:
+            if isinstance(error, KeyboardInterrupt):  # said in one line by the CLI
+                error.add_note(reason)
+            else:  # logged: the error's own message stays the last line
+                logger.warning("%s", reason)
         elif staging.exists() and _belongs_to(read_marker(staging), layout):
             shutil.rmtree(staging, ignore_errors=True)
         elif _is_unstarted_staging(staging):
@@ -283,4 +309,4 @@ def swap_into_place(layout: Layout) -> None:
         if moved_aside:
             os.rename(backup, final)
         raise
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)

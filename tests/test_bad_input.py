@@ -148,7 +148,9 @@ CASES = [
     Case(
         "output_path_not_empty",
         FileExistsError,
-        r"new_cached_activations_path=.* is not empty",
+        # sae-lens's sentence, word for word, then ours naming the field
+        r"Activations directory \(.*\) is not empty\. Please delete it or specify "
+        r"a different path\. .*new_cached_activations_path=",
         setup=_write("cache/notes.txt"),
         repair=_remove("cache/notes.txt"),
     ),

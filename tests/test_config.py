@@ -20,6 +20,8 @@ NEW_FIELDS = {
     "hook_names": None,
     "resume": False,
     "on_non_finite": "error",
+    "lease_stale_seconds": 120.0,
+    "wait_for_lease": False,
 }
 
 

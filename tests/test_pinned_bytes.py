@@ -60,12 +60,18 @@ DP_TRAINING_TOKENS = 45 * ROW  # 23 + 22 rows on 2 ranks
 # Manifest entries that vary from run to run or with the output path.
 VOLATILE = ("created", "final_path", "fingerprint", "timings", "versions")
 VOLATILE_RUN = ("torch_num_threads", "torch_initial_seed", "deterministic_algorithms")
+# a local dataset's fingerprint holds its files' mtimes
+VOLATILE_INPUTS = ("dataset",)
 VOLATILE_WRITER = ("max_queue_depth", "stall_seconds", "stalls", "write_seconds")
 # Entries added after the pins were made, left out of the pinned part (their values
 # are tested where they are made: tests/test_statistics.py); config fields only when
 # at their default, which is the behaviour the pins were made with.
-ADDED_SINCE_PINS = ("statistics", "envelope", "excluded_tokens")
-ADDED_CONFIG_DEFAULTS = {"on_non_finite": "error"}
+ADDED_SINCE_PINS = ("statistics", "envelope", "excluded_tokens", "inputs", "plan")
+ADDED_CONFIG_DEFAULTS = {
+    "on_non_finite": "error",
+    "lease_stale_seconds": 120.0,
+    "wait_for_lease": False,
+}
 # the libraries the bytes depend on
 PACKAGES = (
     "torch",
@@ -287,6 +293,11 @@ def _manifest_facts(manifest: dict[str, Any], tmp_roots: tuple[str, ...]) -> dic
         facts["run"] = {
             k: ("<volatile>" if k in VOLATILE_RUN else v)
             for k, v in facts["run"].items()
+        }
+    if "inputs" in facts:
+        facts["inputs"] = {
+            k: ("<volatile>" if k in VOLATILE_INPUTS else v)
+            for k, v in facts["inputs"].items()
         }
     if "writer" in facts:
         facts["writer"] = {

@@ -93,8 +93,8 @@ def test_a_failed_run_without_resume_leaves_nothing(
     assert not Layout.for_output(cfg.new_cached_activations_path).staging.exists()
 
 
-def test_resume_with_a_changed_config_starts_over(
-    tmp_path, tiny_model, corpus, monkeypatch, caplog
+def test_resume_with_a_changed_config_refuses_naming_the_field_and_keeps_the_work(
+    tmp_path, tiny_model, corpus, monkeypatch
 ):
     cfg = CacheActivationsRunnerConfig(
         **default_cfg_kwargs(tmp_path, shuffle=True, resume=True)
@@ -103,16 +103,19 @@ def test_resume_with_a_changed_config_starts_over(
         _interrupt_on_call(m, shuffle.BucketShuffleSink, "write_buffer", 2)
         with pytest.raises(Interrupt):
             run_ours(cfg, tiny_model, corpus)
+    layout = Layout.for_output(cfg.new_cached_activations_path)
+    kept = sorted(p.name for p in layout.staging.rglob("*"))
     changed = CacheActivationsRunnerConfig(
         **default_cfg_kwargs(tmp_path, shuffle=True, resume=True, seed=7)
     )
-    with caplog.at_level("WARNING"):
-        dataset = run_ours(changed, tiny_model, corpus)
-    assert "cannot be resumed" in caplog.text
-    assert (
-        json.loads((Path(changed.new_cached_activations_path) / MARKER).read_text())[
-            "resumed"
-        ]
-        is False
+    with pytest.raises(ValueError, match=r"seed: 42 -> 7.*resume=False to start over"):
+        run_ours(changed, tiny_model, corpus)
+    assert sorted(p.name for p in layout.staging.rglob("*")) == kept
+    assert not layout.lease.exists()
+    # asked to start over, it does
+    fresh = CacheActivationsRunnerConfig(
+        **default_cfg_kwargs(tmp_path, shuffle=True, resume=False, seed=7)
     )
+    dataset = run_ours(fresh, tiny_model, corpus)
+    assert json.loads((layout.final / MARKER).read_text())["resumed"] is False
     assert len(dataset) == changed.training_tokens // 16

@@ -152,11 +152,14 @@ def test_an_empty_output_folder_is_accepted(make_cfg, tiny_model, corpus):
     assert len(run_ours(cfg, tiny_model, corpus)) == cfg.n_seq_in_dataset
 
 
-def test_a_failing_run_leaves_nothing_behind(make_cfg, tiny_model, corpus, monkeypatch):
+def test_a_run_failing_while_caching_leaves_nothing_behind(
+    make_cfg, tiny_model, corpus, monkeypatch
+):
     from sae_cache_ext import shuffle
 
     cfg = make_cfg(shuffle=True)
-    monkeypatch.setattr(shuffle, "write_tables", fail_on_call(shuffle.write_tables, 2))
+    sink = shuffle.BucketShuffleSink
+    monkeypatch.setattr(sink, "write_buffer", fail_on_call(sink.write_buffer, 2))
     with pytest.raises(OSError, match="injected"):
         run_ours(cfg, tiny_model, corpus)
     layout = Layout.for_output(cfg.new_cached_activations_path)
