@@ -122,7 +122,9 @@ class CacheActivationsRunner(_UpstreamRunner):
             self.schema,
             self.plan,
             self.producer,
-            n_buckets=choose_n_buckets(cfg.n_buffers),
+            n_buckets=choose_n_buckets(
+                cfg.n_buffers, self.plan.n_tokens * self.schema.bytes_per_token
+            ),
             quiet=self.quiet,
         )
         # with hook_names, every hook's dataset once the run is done
