@@ -27,13 +27,14 @@ _NON_DATA_FIELDS = frozenset(
         "hf_is_private_repo",
         "device",
         "resume",
+        "distributed_timeout_minutes",
     }
 )
 
 
 @dataclass
 class CacheActivationsRunnerConfig(_UpstreamConfig):
-    """sae-lens's `CacheActivationsRunnerConfig` with four more options.
+    """sae-lens's `CacheActivationsRunnerConfig` with more options.
 
     `shuffle=True` here means the shuffle is written to disk (sae-lens only shuffles
     the object it returns), seeded by `seed`.
@@ -73,6 +74,11 @@ class CacheActivationsRunnerConfig(_UpstreamConfig):
     """Continue an interrupted run at the same output path from its last completed
     buffer (or shuffled shard) instead of starting over. The result is identical to
     an uninterrupted run's. A failed run with `resume=True` keeps its staging folder."""
+
+    distributed_timeout_minutes: float = 360.0
+    """In a data-parallel run, how long a rank waits for the others at a collective
+    before failing. A rank that fails makes every rank fail at once with its error;
+    this only bounds the wait for a rank that hangs (or is slower by that much)."""
 
     def __post_init__(self) -> None:
         # Cheap checks on our own fields first, so a bad value fails before the
@@ -119,6 +125,16 @@ class CacheActivationsRunnerConfig(_UpstreamConfig):
                 "'warn', 'error' or 'repeat'."
             )
         self._check_hook_names()
+        timeout = self.distributed_timeout_minutes
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or timeout <= 0
+        ):
+            raise ValueError(
+                f"distributed_timeout_minutes={timeout!r} must be a positive number of "
+                "minutes (360 by default)."
+            )
         if self.dtype not in _STORABLE_DTYPES:
             raise ValueError(
                 f"dtype={self.dtype!r} cannot be stored: the `datasets` Array2D feature "

@@ -58,7 +58,7 @@ class CacheActivationsRunner(_UpstreamRunner):
         if not isinstance(cfg, CacheActivationsRunnerConfig):
             cfg = CacheActivationsRunnerConfig.from_upstream(cfg)
         self.cfg = cfg
-        self.world = world_from_env(cfg.device)
+        self.world = world_from_env(cfg.device, cfg.distributed_timeout_minutes)
         cfg.device = rank_device(cfg.device, self.world)
         self.quiet = quiet or not self.world.is_main
         self.layout = staging.Layout.for_output(_output_path(cfg))

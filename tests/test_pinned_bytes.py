@@ -60,6 +60,9 @@ DP_TRAINING_TOKENS = 45 * ROW  # 23 + 22 rows on 2 ranks
 # Manifest entries that vary from run to run or with the output path.
 VOLATILE = ("created", "final_path", "fingerprint", "timings", "versions")
 VOLATILE_RUN = ("torch_num_threads", "torch_initial_seed", "deterministic_algorithms")
+# Config fields added after the pins that change no data (how long ranks wait for
+# each other): left out of the hashed part of the manifest's config.
+LATER_NON_DATA_CONFIG = ("distributed_timeout_minutes",)
 VOLATILE_WRITER = ("max_queue_depth", "stall_seconds", "stalls", "write_seconds")
 # the libraries the bytes depend on
 PACKAGES = (
@@ -272,6 +275,11 @@ def _manifest_facts(manifest: dict[str, Any], tmp_roots: tuple[str, ...]) -> dic
     """The manifest's deterministic part (its volatile keys' names are kept)."""
     facts = {k: v for k, v in manifest.items() if k not in VOLATILE}
     facts["volatile_keys"] = sorted(k for k in VOLATILE if k in manifest)
+    if "config" in facts:
+        config = facts["config"]
+        facts["config"] = {
+            k: config[k] for k in config if k not in LATER_NON_DATA_CONFIG
+        }
     if "run" in facts:
         facts["run"] = {
             k: ("<volatile>" if k in VOLATILE_RUN else v)
