@@ -3,11 +3,12 @@
 Under `torchrun` (or any launcher that sets `RANK`, `WORLD_SIZE` and `MASTER_ADDR`),
 every rank reads its own part of the dataset, runs its own model replica and writes
 its buffers into its own folder inside the shared staging area; rank 0 then merges
-them into one dataset. Only three collectives are used, each carrying a small
-Python object: a broadcast of the plan from rank 0, then after each phase (caching,
-merging, gathering, putting the cache in place) an all-gather of every rank's
-outcome (`World.phase`): a rank that failed sends its error instead of waiting, and
-every rank then fails at once with it.
+them into one dataset. Two collectives are used, each carrying small Python objects:
+a broadcast of the plan from rank 0, then after each phase (caching, merging,
+gathering, putting the cache in place) an all-gather of every rank's outcome
+(`World.agree`): a rank that failed sends its error instead of waiting, and every
+rank then fails at once with it. The wait at a collective is bounded by
+`distributed_timeout_minutes`.
 
 The backend is gloo on CPU and NCCL when the run's device is CUDA. A rank that dies
 makes the others fail at their next collective (and torchrun stops the job); the

@@ -19,6 +19,7 @@ NEW_FIELDS = {
     "on_dataset_exhausted": "warn",
     "hook_names": None,
     "resume": False,
+    "distributed_timeout_minutes": 360.0,
 }
 
 
@@ -108,3 +109,16 @@ def test_data_fingerprint_ignores_upload_fields_but_not_data_fields(make_cfg):
     assert make_cfg(resume=True).data_fingerprint == base
     assert make_cfg(seed=7).data_fingerprint != base
     assert make_cfg(exclude_special_tokens=[1]).data_fingerprint != base
+
+
+@pytest.mark.parametrize("bad", [0, -5, "60", True])
+def test_invalid_distributed_timeout_is_refused_with_the_field_name(make_cfg, bad):
+    with pytest.raises(ValueError, match="distributed_timeout_minutes"):
+        make_cfg(distributed_timeout_minutes=bad)
+
+
+def test_the_distributed_timeout_changes_no_fingerprint(make_cfg):
+    assert (
+        make_cfg(distributed_timeout_minutes=5).data_fingerprint
+        == make_cfg().data_fingerprint
+    )
