@@ -30,7 +30,7 @@ MIN_BUCKETS = 4
 # of rows, so shards stay under about 2 GB (sae-lens warns that larger ones fail).
 TARGET_SHARD_BYTES = 1_500_000_000
 # Pages of a bucket file already copied are unmapped every this many bytes.
-_RELEASE_BYTES = 64 << 20
+_RELEASE_BYTES = 16 << 20
 # Arrow allocations go through glibc, so `release_freed_memory` can return them.
 _POOL = pa.system_memory_pool()
 

@@ -97,9 +97,7 @@ print(json.dumps({{"n": n, "rows": [s.rows for s in shards]}}))
     toks = np.concatenate(
         [_read(p)[2] for p in sorted(tmp_path.glob("data-*.arrow"))]
     ).reshape(-1)
-    expected = np.concatenate(
-        [_buffer(i, 5)[1].numpy().reshape(-1) for i in range(64)]
-    )
+    expected = np.concatenate([_buffer(i, 5)[1].numpy().reshape(-1) for i in range(64)])
     assert np.array_equal(np.sort(toks), np.sort(expected))  # every row once
 
 
