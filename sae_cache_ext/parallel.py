@@ -198,9 +198,9 @@ def merge_ranks(
 
 
 def gather_share(pipeline: Pipeline, world: World, folder: Path) -> Gathered | Shards:
-    """This rank's share of the gather (every rank's shards so far included in
-    what it returns: the shards it gathered, by position). Without the shuffle,
-    rank 0 renames every shard and returns them."""
+    """This rank's share of the gather: the shards at positions rank, rank + N, ...
+    of the merged plan, by position (those gathered before a resume included).
+    Without the shuffle, rank 0 renames every shard and returns them all."""
     checkpoint = checkpoints.load(folder)
     if checkpoint is None:
         raise RuntimeError(f"{folder} has no checkpoint of the merge to gather from.")
