@@ -30,13 +30,14 @@ _NON_DATA_FIELDS = frozenset(
         "on_non_finite",
         "lease_stale_seconds",
         "wait_for_lease",
+        "distributed_timeout_minutes",
     }
 )
 
 
 @dataclass
 class CacheActivationsRunnerConfig(_UpstreamConfig):
-    """sae-lens's `CacheActivationsRunnerConfig` with four more options.
+    """sae-lens's `CacheActivationsRunnerConfig` with more options.
 
     `shuffle=True` here means the shuffle is written to disk (sae-lens only shuffles
     the object it returns), seeded by `seed`.
@@ -98,6 +99,11 @@ class CacheActivationsRunnerConfig(_UpstreamConfig):
     buffer, naming the hook and the count, and nothing is written; `"warn"` keeps
     them and counts them in the manifest's `statistics`."""
 
+    distributed_timeout_minutes: float = 360.0
+    """In a data-parallel run, how long a rank waits for the others at a collective
+    before failing. A rank that fails makes every rank fail at once with its error;
+    this only bounds the wait for a rank that hangs (or is slower by that much)."""
+
     def __post_init__(self) -> None:
         # Cheap checks on our own fields first, so a bad value fails before the
         # parent's checks (which may look at the dataset).
@@ -155,6 +161,16 @@ class CacheActivationsRunnerConfig(_UpstreamConfig):
             raise ValueError(
                 f"lease_stale_seconds={self.lease_stale_seconds!r} must be a positive "
                 "number of seconds (default 120)."
+            )
+        timeout = self.distributed_timeout_minutes
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or timeout <= 0
+        ):
+            raise ValueError(
+                f"distributed_timeout_minutes={timeout!r} must be a positive number of "
+                "minutes (360 by default)."
             )
         if self.dtype not in _STORABLE_DTYPES:
             raise ValueError(

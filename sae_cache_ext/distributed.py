@@ -3,9 +3,12 @@
 Under `torchrun` (or any launcher that sets `RANK`, `WORLD_SIZE` and `MASTER_ADDR`),
 every rank reads its own part of the dataset, runs its own model replica and writes
 its buffers into its own folder inside the shared staging area; rank 0 then merges
-them into one dataset. Only three collectives are used, each carrying a small
-Python object: a broadcast of the plan from rank 0, a barrier once every rank has
-cached its part, and a barrier once the cache is in place.
+them into one dataset. Two collectives are used, each carrying small Python objects:
+a broadcast of the plan from rank 0, then after each phase (caching, merging,
+gathering, putting the cache in place) an all-gather of every rank's outcome
+(`World.agree`): a rank that failed sends its error instead of waiting, and every
+rank then fails at once with it. The wait at a collective is bounded by
+`distributed_timeout_minutes`.
 
 The backend is gloo on CPU and NCCL when the run's device is CUDA. A rank that dies
 makes the others fail at their next collective (and torchrun stops the job); the
@@ -17,6 +20,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,9 +33,9 @@ from sae_cache_ext.statistics import merge_statistics
 
 logger = logging.getLogger(__name__)
 
-# Rank 0 merges and shuffles every rank's output while the others wait at a
-# barrier; that can take long on a big cache, so the collectives wait long too.
-TIMEOUT = datetime.timedelta(hours=6)
+
+class RankFailed(RuntimeError):
+    """Raised on every rank when one or more ranks failed at a phase."""
 
 
 @dataclass(frozen=True)
@@ -62,11 +66,38 @@ class World:
         if self.distributed:
             dist.barrier()
 
+    def agree(
+        self, phase: str, value: Any = None, error: BaseException | None = None
+    ) -> list[Any]:
+        """Every rank's `value` for `phase`, rank by rank, once every rank got there;
+        if any rank brings an `error`, every rank raises `RankFailed` naming each
+        failed rank and its error (the local error as the cause)."""
+        outcome = None if error is None else f"{type(error).__name__}: {error}"
+        if self.distributed:
+            outcomes: list[Any] = [None] * self.size
+            dist.all_gather_object(outcomes, (outcome, value))
+        else:
+            outcomes = [(outcome, value)]
+        failed = [(r, o) for r, (o, _) in enumerate(outcomes) if o is not None]
+        if failed:
+            named = "; ".join(f"rank {r}: {o}" for r, o in failed)
+            raise RankFailed(f"The run failed while {phase} ({named}).") from error
+        return [v for _, v in outcomes]
 
-def world_from_env(device: str) -> World:
+    def phase(self, name: str, work: Callable[[], Any]) -> list[Any]:
+        """Run `work` here, then `agree` on its outcome: every rank's result, or
+        `RankFailed` on every rank if it failed on any."""
+        try:
+            value = work()
+        except BaseException as error:  # handed to every rank, then raised
+            return self.agree(name, error=error)
+        return self.agree(name, value)
+
+
+def world_from_env(device: str, timeout_minutes: float = 360.0) -> World:
     """The `World` torchrun describes in the environment, with the process group
-    started if it is not yet (gloo on CPU, NCCL on CUDA); a single process
-    otherwise."""
+    started if it is not yet (gloo on CPU, NCCL on CUDA; its collectives wait
+    `timeout_minutes`); a single process otherwise."""
     if dist.is_available() and dist.is_initialized():
         return World(
             rank=dist.get_rank(),
@@ -85,7 +116,8 @@ def world_from_env(device: str) -> World:
     if backend == "nccl":
         # NCCL collectives run on the current device: make it this rank's GPU
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend=backend, timeout=TIMEOUT)
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    dist.init_process_group(backend=backend, timeout=timeout)
     world = World(
         rank=dist.get_rank(),
         size=dist.get_world_size(),

@@ -30,7 +30,7 @@ from sae_cache_ext.checkpoints import Checkpoint, Phase
 from sae_cache_ext.config import CacheActivationsRunnerConfig
 from sae_cache_ext.plan import BufferPlan
 from sae_cache_ext.producer import Buffer, Producer
-from sae_cache_ext.shuffle import BucketShuffleSink, OrderedSink, Sink
+from sae_cache_ext.shuffle import BucketShuffleSink, OrderedSink, Shards, Sink
 from sae_cache_ext.statistics import CacheStatistics, check_finite
 from sae_cache_ext.writer import BackgroundWriter, CacheSchema, WriterStats
 
@@ -285,14 +285,26 @@ class Pipeline:
         self, folder: Path, sink: Sink, facts: dict[str, Any], marker: dict[str, Any]
     ) -> None:
         """Gather the shuffle (if any), then write the dataset files and manifest."""
-        cfg = self.cfg
-        cached = time.perf_counter()
+        started = time.perf_counter()
         shards = sink.finish(
             quiet=self.quiet,
             checkpoint=lambda state: checkpoints.save(
                 folder, Checkpoint(Phase.GATHER, state, facts=facts)
             ),
         )
+        self.describe(folder, shards, facts, marker, started)
+
+    def describe(
+        self,
+        folder: Path,
+        shards: Shards,
+        facts: dict[str, Any],
+        marker: dict[str, Any],
+        started: float,
+    ) -> None:
+        """Write the dataset files and manifest of the finished `shards` (the
+        finishing began at `time.perf_counter()` = `started`)."""
+        cfg = self.cfg
         if not any(shards.values()):
             raise ValueError(
                 "The dataset did not yield a single row of context_size="
@@ -321,7 +333,7 @@ class Pipeline:
             **excluded_tokens(self.model, exclude_ids),
             "timings": {
                 "caching_seconds": caching_seconds,
-                "finishing_seconds": time.perf_counter() - cached,
+                "finishing_seconds": time.perf_counter() - started,
                 "statistics_seconds": None
                 if statistics is None
                 else statistics.seconds,

@@ -59,7 +59,7 @@ class CacheActivationsRunner(_UpstreamRunner):
         if not isinstance(cfg, CacheActivationsRunnerConfig):
             cfg = CacheActivationsRunnerConfig.from_upstream(cfg)
         self.cfg = cfg
-        self.world = world_from_env(cfg.device)
+        self.world = world_from_env(cfg.device, cfg.distributed_timeout_minutes)
         cfg.device = rank_device(cfg.device, self.world)
         self.quiet = quiet or not self.world.is_main
         self.layout = staging.Layout.for_output(_output_path(cfg))
@@ -123,7 +123,9 @@ class CacheActivationsRunner(_UpstreamRunner):
             self.schema,
             self.plan,
             self.producer,
-            n_buckets=choose_n_buckets(cfg.n_buffers),
+            n_buckets=choose_n_buckets(
+                cfg.n_buffers, self.plan.n_tokens * self.schema.bytes_per_token
+            ),
             quiet=self.quiet,
         )
         # with hook_names, every hook's dataset once the run is done

@@ -18,41 +18,29 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from tqdm.auto import tqdm
 
+from sae_cache_ext.bucket_files import BucketReader, append_batches, choose_n_buckets
 from sae_cache_ext.packing import Stream, assign_buckets, seeded_generator
 from sae_cache_ext.writer import (
-    ROWS_PER_RECORD_BATCH,
     CacheSchema,
     ShardInfo,
     gathered_tables,
-    read_table,
     release_freed_memory,
     write_split_tables,
     write_tables,
 )
 
 logger = logging.getLogger(__name__)
-
-# Arrow allocations go through glibc, so `release_freed_memory` can return them.
-_POOL = pa.system_memory_pool()
-MIN_BUCKETS = 4
-MAX_BUCKETS = 1024
+__all__ = ["choose_n_buckets"]  # re-exported: the runner sizes the shuffle with it
 # Shards of every dataset a sink writes, by subfolder ("" is the folder itself).
 Shards = dict[str, list[ShardInfo]]
-
-
-def _shards_to_json(shards: Shards) -> dict[str, Any]:
-    return {d: [asdict(s) for s in infos] for d, infos in shards.items()}
 
 
 def _shards_from_json(value: dict[str, Any]) -> Shards:
@@ -84,20 +72,38 @@ class OrderedState:
         )
 
 
+# A gather's shards written so far: position -> one shard per dataset (in
+# `CacheSchema.outputs` order). Shard `position` is bucket `buckets[position]`.
+Gathered = dict[int, list[ShardInfo]]
+
+
+def gathered_to_json(done: Gathered) -> dict[str, Any]:
+    return {str(p): [asdict(info) for info in infos] for p, infos in done.items()}
+
+
+def gathered_from_json(value: dict[str, Any]) -> Gathered:
+    if any(not key.isdigit() for key in value):  # {dataset: [shards in order]}
+        shards = _shards_from_json(value)
+        return {
+            p: list(infos) for p, infos in enumerate(zip(*shards.values(), strict=True))
+        }
+    return {int(p): [ShardInfo(**v) for v in infos] for p, infos in value.items()}
+
+
 @dataclass
 class GatherState:
     """How far the gather is: the buckets to gather, in order, and the shards
     written so far."""
 
     buckets: list[int]
-    done: Shards
+    done: Gathered
 
     def to_json(self) -> dict[str, Any]:
-        return {"buckets": self.buckets, "done": _shards_to_json(self.done)}
+        return {"buckets": self.buckets, "done": gathered_to_json(self.done)}
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> GatherState:
-        return cls(list(value["buckets"]), _shards_from_json(value["done"]))
+        return cls(list(value["buckets"]), gathered_from_json(value["done"]))
 
 
 @dataclass
@@ -152,14 +158,13 @@ def shard_name(index: int, total: int) -> str:
     return f"data-{index:05d}-of-{total:05d}.arrow"
 
 
-def choose_n_buckets(n_buffers: int) -> int:
-    """About one buffer per bucket, at least 4 (disk peak 1.25x), and few enough
-    open files for this process's limit."""
-    soft_limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    cap = MAX_BUCKETS
-    if soft_limit != resource.RLIM_INFINITY:
-        cap = max(MIN_BUCKETS, min(cap, soft_limit // 2))
-    return max(MIN_BUCKETS, min(n_buffers, cap))
+def shards_in_order(schema: CacheSchema, done: Gathered) -> Shards:
+    """The gathered shards of every dataset, by position."""
+    shards: Shards = {subdir: [] for subdir, _ in schema.outputs}
+    for position in sorted(done):
+        for subdir, info in zip(shards, done[position], strict=True):
+            shards[subdir].append(info)
+    return shards
 
 
 def _write_shards(
@@ -292,7 +297,7 @@ class BucketShuffleSink:
 
     Each run (a first run, then each resume) appends to its own part file per
     bucket, so a resumed run only has to cut the previous parts back to their size
-    at the last checkpoint.
+    at the last checkpoint. No file is held open between writes.
     """
 
     def __init__(
@@ -311,23 +316,21 @@ class BucketShuffleSink:
         self._bucket_dir = folder / "buckets"
         self._bucket_dir.mkdir(exist_ok=True)
         self._session = 0
-        self._parts: dict[int, list[str]] = {}  # bucket -> part files, in order
-        self._streams: dict[
-            int, tuple[pa.NativeFile, pa.ipc.RecordBatchStreamWriter]
-        ] = {}
+        # bucket -> its part files, in order, with their sizes
+        self._parts: dict[int, list[tuple[str, int]]] = {}
         self._gather: GatherState | None = None
-        self._synced: dict[int, int] = {}  # bucket -> bytes on stable storage
+        self._unsynced: set[str] = set()  # part files appended since the last sync
 
-    def _stream(self, k: int) -> pa.ipc.RecordBatchStreamWriter:
-        if k not in self._streams:
-            name = f"bucket-{k:05d}.part{self._session:03d}.arrow"
-            sink = pa.OSFile(str(self._bucket_dir / name), "wb")
-            self._streams[k] = (
-                sink,
-                pa.ipc.new_stream(sink, self.features.arrow_schema),
-            )
-            self._parts.setdefault(k, []).append(name)
-        return self._streams[k][1]
+    def _append(self, k: int, batches: Iterable[Any]) -> None:
+        """Append record batches to bucket k's part file of this session."""
+        name = f"bucket-{k:05d}.part{self._session:03d}.arrow"
+        parts = self._parts.setdefault(k, [])
+        size = parts.pop()[1] if parts and parts[-1][0] == name else 0
+        size += append_batches(
+            self._bucket_dir / name, self.features.arrow_schema, batches
+        )
+        parts.append((name, size))
+        self._unsynced.add(name)
 
     def write_buffer(
         self,
@@ -343,65 +346,69 @@ class BucketShuffleSink:
         positions_RT = (
             torch.arange(n_rows * context_size) if order_N is None else order_N
         ).view(n_rows, context_size)
+        arrow_schema = self.features.arrow_schema
         for k, rows in enumerate(assign_buckets(n_rows, self.n_buckets, generator)):
             if rows.numel():
                 tables = gathered_tables(
                     self.schema, acts_RTD, toks_RT, positions_RT[rows].reshape(-1)
                 )
-                for table in tables:
-                    for batch in table.cast(self.features.arrow_schema).to_batches():
-                        self._stream(k).write_batch(batch)
+                self._append(
+                    k,
+                    (
+                        batch
+                        for table in tables
+                        for batch in table.cast(arrow_schema).to_batches()
+                    ),
+                )
         del acts_RTD, toks_RT
         release_freed_memory()
 
     def state(self) -> BucketState:
         """The part files and their sizes now (every write so far is in them)."""
-        sizes = {
-            self._parts[k][-1]: sink.tell() for k, (sink, _) in self._streams.items()
-        }
         return BucketState(
             session=self._session,
-            parts={
-                k: [
-                    (name, sizes.get(name, (self._bucket_dir / name).stat().st_size))
-                    for name in names
-                ]
-                for k, names in self._parts.items()
-            },
+            parts={k: list(parts) for k, parts in self._parts.items()},
             gather=self._gather,
         )
 
     def sync(self) -> None:
         """Put what was written since the last call on stable storage (file data,
         then the bucket folder's new names): a checkpoint may then count it."""
-        for k, (sink, _) in self._streams.items():
-            if self._synced.get(k) != sink.tell():
-                os.fdatasync(sink.fileno())
-                self._synced[k] = sink.tell()
+        for name in sorted(self._unsynced):
+            fd = os.open(self._bucket_dir / name, os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        self._unsynced = set()
         _fsync_dir(self._bucket_dir)
 
     def restore(self, state: BucketState) -> None:
         """Cut every part back to its size at the checkpoint (refusing, untouched,
         one shorter than recorded), drop later files, and write further buffers to
         new parts (or continue the gather it records)."""
-        self._session = state.session + 1
-        self._parts = {}
-        self._synced = {}
-        keep = set()
         sizes = {
             name: (_check_size(self._bucket_dir / name, size), size)
             for parts in state.parts.values()
             for name, size in parts
         }
-        for k, parts in state.parts.items():
+        self.adopt(state)
+        self._unsynced = set()
+        keep = set()
+        for parts in state.parts.values():
             for name, size in parts:
                 if sizes[name][0] > size:  # bytes written after the checkpoint
                     os.truncate(self._bucket_dir / name, size)
-                self._parts.setdefault(k, []).append(name)
                 keep.add(name)
         for path in self._bucket_dir.iterdir():
             if path.name not in keep:
                 path.unlink()
+
+    def adopt(self, state: BucketState) -> None:
+        """Take `state` as this sink's without touching any file (for a rank that
+        gathers its share of buckets another process merged)."""
+        self._session = state.session + 1
+        self._parts = {k: list(parts) for k, parts in state.parts.items()}
         self._gather = state.gather
 
     def merge(self, parts: list[tuple[Path, BucketState]]) -> None:
@@ -419,19 +426,13 @@ class BucketShuffleSink:
         self.restore(BucketState(session=0, parts=merged))
 
     def close(self) -> None:
-        """Close the bucket files (another process is going to gather them)."""
-        self._close_streams()
+        """Nothing is held open between buffers."""
 
-    def _close_streams(self) -> None:
-        for sink, stream in self._streams.values():
-            stream.close()
-            sink.close()
-        self._streams = {}
-
-    def _read_bucket(self, k: int) -> pa.Table:
-        return pa.concat_tables(
-            read_table(self._bucket_dir / n) for n in self._parts[k]
-        )
+    def start_gather(self) -> GatherState:
+        """The gather's plan (the buckets holding rows, in order), fixed once."""
+        if self._gather is None:
+            self._gather = GatherState(sorted(self._parts), {})
+        return self._gather
 
     def finish(
         self, quiet: bool = False, checkpoint: Checkpoint | None = None
@@ -439,52 +440,54 @@ class BucketShuffleSink:
         """Gather every bucket into one permuted shard, deleting buckets as it goes.
 
         After each shard, `checkpoint(state)` records progress for a resumed run."""
-        self._close_streams()
-        gather = self._gather or GatherState(sorted(self._parts), {})
-        filled = gather.buckets
-        shards: Shards = {
-            subdir: list(gather.done.get(subdir, []))
-            for subdir, _ in self.schema.outputs
-        }
-        first = len(next(iter(shards.values())))
+        gather = self.start_gather()
+        done = self.gather(range(len(gather.buckets)), quiet, checkpoint)
+        self._bucket_dir.rmdir()
+        return shards_in_order(self.schema, done)
+
+    def gather(
+        self,
+        positions: Iterable[int],
+        quiet: bool = False,
+        checkpoint: Checkpoint | None = None,
+    ) -> Gathered:
+        """Gather the shards at `positions` (of `start_gather`'s plan) that are not
+        done yet; returns every one of them. Several processes may each gather
+        their own positions of one plan at once."""
+        gather = self.start_gather()
+        positions = list(positions)
+        for position in positions:  # left by a crash between checkpoint and delete
+            if position in gather.done:
+                self._delete_bucket(gather.buckets[position])
+        todo = [p for p in positions if p not in gather.done]
+        reader = BucketReader(self.schema)
         for position in tqdm(
-            range(first, len(filled)),
-            desc="Shuffling shards",
-            unit="shard",
-            disable=quiet,
-            total=len(filled),
-            initial=first,
+            todo, desc="Shuffling shards", unit="shard", disable=quiet
         ):
-            k = filled[position]
-            table = self._read_bucket(k)
+            k = gather.buckets[position]
+            bucket = reader.read([self._bucket_dir / n for n, _ in self._parts[k]])
             generator = seeded_generator(self.seed, k, Stream.BUCKET_PERMUTATION)
-            perm = torch.randperm(table.num_rows, generator=generator).numpy()
-            chunks = (
-                pc.take(
-                    table,
-                    pa.array(perm[i : i + ROWS_PER_RECORD_BATCH]),
-                    memory_pool=_POOL,
-                )
-                for i in range(0, len(perm), ROWS_PER_RECORD_BATCH)
+            perm = torch.randperm(bucket.rows, generator=generator).numpy()
+            name = shard_name(position, len(gather.buckets))
+            tables = reader.permuted_tables(bucket, perm)
+            gather.done[position] = _write_shards(
+                self.folder, self.schema, name, tables
             )
-            name = shard_name(position, len(filled))
-            written = _write_shards(self.folder, self.schema, name, chunks)
-            for subdir, info in zip(shards, written, strict=True):
-                shards[subdir].append(info)
-            del table, chunks
+            del bucket, tables
             # forget the bucket before recording progress: a resumed run must never
             # read a bucket that was being deleted
-            gathered = self._parts.pop(k)
+            parts = self._parts.pop(k)
             if checkpoint is not None:
-                self._gather = GatherState(
-                    filled, {d: list(i) for d, i in shards.items()}
-                )
                 checkpoint(self.state())
-            for part in gathered:
+            for part, _ in parts:
                 (self._bucket_dir / part).unlink()
-            release_freed_memory()
-        self._bucket_dir.rmdir()
-        return shards
+        del reader
+        release_freed_memory()
+        return {p: gather.done[p] for p in positions}
+
+    def _delete_bucket(self, k: int) -> None:
+        for name, _ in self._parts.pop(k, []):
+            (self._bucket_dir / name).unlink(missing_ok=True)
 
 
 Sink = OrderedSink | BucketShuffleSink

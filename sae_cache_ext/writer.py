@@ -35,7 +35,30 @@ from datasets.features.features import Array2DExtensionType
 logger = logging.getLogger(__name__)
 
 ROWS_PER_RECORD_BATCH = 1024
+# datasets' Array2D storage is list<list<...>> with 32-bit offsets: a record batch
+# (and any array built at once) holds fewer than 2^31 values per column. Tests lower
+# it to stand in for sizes this machine cannot hold.
+MAX_VALUES_PER_RECORD_BATCH = 2**31 - 1
 TOKEN_IDS = "token_ids"
+
+
+def rows_per_record_batch(values_per_row: int) -> int:
+    """Rows per record batch: `ROWS_PER_RECORD_BATCH`, or fewer when that many rows
+    of `values_per_row` values each would pass a 32-bit offset."""
+    limit = MAX_VALUES_PER_RECORD_BATCH
+    if values_per_row > limit:
+        raise ValueError(
+            f"One row holds {values_per_row} values (context_size x width), more than "
+            f"an Arrow list with 32-bit offsets can ({limit}): lower context_size, or "
+            "cache fewer hooks per dataset."
+        )
+    return max(1, min(ROWS_PER_RECORD_BATCH, limit // values_per_row))
+
+
+def features_rows_per_record_batch(features: Features) -> int:
+    """`rows_per_record_batch` for the widest Array2D column of `features`."""
+    sizes = [int(np.prod(f.shape)) for f in features.values() if isinstance(f, Array2D)]
+    return rows_per_record_batch(max(sizes, default=1))
 
 
 def cache_features(
@@ -84,6 +107,17 @@ class CacheSchema:
         return Features({**columns, TOKEN_IDS: ids})
 
     @property
+    def rows_per_record_batch(self) -> int:
+        """Rows per record batch of every file written (the widest hook decides)."""
+        width = max((w for _, w in self.hooks), default=1)
+        return rows_per_record_batch(self.context_size * width)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one token takes in the datasets: every hook's values and its id."""
+        return self.width * np.dtype(self.dtype).itemsize + 4
+
+    @property
     def outputs(self) -> list[tuple[str, Features]]:
         """`(subfolder, schema)` of each dataset written ("" is the folder itself)."""
         if not self.per_hook_folders:
@@ -95,20 +129,41 @@ def _torch_to_numpy(tensor: torch.Tensor, dtype: str) -> np.ndarray:
     return tensor.detach().to("cpu").contiguous().numpy().astype(dtype, copy=False)
 
 
-def _array2d_column(acts_RTD: torch.Tensor, dtype: str) -> pa.ExtensionArray:
-    n_rows, context_size, d_in = acts_RTD.shape
-    values = pa.array(_torch_to_numpy(acts_RTD, dtype).reshape(-1))
-    inner = pa.ListArray.from_arrays(
-        pa.array(np.arange(0, n_rows * context_size * d_in + 1, d_in, dtype=np.int32)),
-        values,
+def _offsets(n_lists: int, length: int) -> pa.Array:
+    """Offsets of `n_lists` lists of `length` each (32-bit, checked not to wrap)."""
+    if n_lists * length > MAX_VALUES_PER_RECORD_BATCH:
+        raise ValueError(
+            f"{n_lists} lists of {length} values pass a 32-bit offset: write them in "
+            "record batches of `rows_per_record_batch` rows."
+        )
+    return pa.array(np.arange(0, n_lists * length + 1, length, dtype=np.int32))
+
+
+def array2d_column(values_RTD: np.ndarray) -> pa.ExtensionArray:
+    """An Array2D column (datasets' `list<list<dtype>>` storage) over the values of
+    `values_RTD` (rows, T, D), without copying them when they are contiguous."""
+    n_rows, context_size, d_in = values_RTD.shape
+    values = pa.array(np.ascontiguousarray(values_RTD).reshape(-1))
+    inner = pa.ListArray.from_arrays(_offsets(n_rows * context_size, d_in), values)
+    outer = pa.ListArray.from_arrays(_offsets(n_rows, context_size), inner)
+    extension = Array2DExtensionType(
+        shape=(context_size, d_in), dtype=str(values_RTD.dtype)
     )
-    outer = pa.ListArray.from_arrays(
-        pa.array(np.arange(0, n_rows * context_size + 1, context_size, dtype=np.int32)),
-        inner,
-    )
-    return pa.ExtensionArray.from_storage(
-        Array2DExtensionType(shape=(context_size, d_in), dtype=dtype), outer
-    )
+    return pa.ExtensionArray.from_storage(extension, outer)
+
+
+def arrays_to_table(
+    schema: CacheSchema, hooks_RTD: list[np.ndarray], toks_RT: np.ndarray
+) -> pa.Table:
+    """An Arrow table of numpy arrays: one Array2D column per hook (in the schema's
+    dtype), then `token_ids` (int32)."""
+    columns = [
+        array2d_column(values.astype(schema.dtype, copy=False)) for values in hooks_RTD
+    ]
+    toks = np.ascontiguousarray(toks_RT, dtype=np.int32).reshape(-1)
+    toks_col = pa.FixedSizeListArray.from_arrays(pa.array(toks), schema.context_size)
+    names = [name for name, _ in schema.hooks]
+    return pa.Table.from_arrays([*columns, toks_col], names=[*names, TOKEN_IDS])
 
 
 def rows_to_table(
@@ -124,14 +179,10 @@ def rows_to_table(
     columns, start = [], 0
     for _, width in schema.hooks:
         columns.append(
-            _array2d_column(acts_RTD[..., start : start + width], schema.dtype)
+            _torch_to_numpy(acts_RTD[..., start : start + width], schema.dtype)
         )
         start += width
-    toks_col = pa.FixedSizeListArray.from_arrays(
-        pa.array(_torch_to_numpy(toks_RT, "int32").reshape(-1)), schema.context_size
-    )
-    names = [name for name, _ in schema.hooks]
-    return pa.Table.from_arrays([*columns, toks_col], names=[*names, TOKEN_IDS])
+    return arrays_to_table(schema, columns, _torch_to_numpy(toks_RT, "int32"))
 
 
 @dataclass
@@ -166,11 +217,12 @@ def write_split_tables(
             stream = pa.ipc.new_stream(sink, features.arrow_schema)
             files.append((raw, digest, stream, features.arrow_schema))
         rows = 0
+        per_batch = min(features_rows_per_record_batch(f) for _, f in targets)
         for table in tables:
             for _, _, stream, schema in files:
                 part = table.select(schema.names) if len(targets) > 1 else table
                 part = part.cast(schema) if part.schema != schema else part
-                for batch in part.to_batches(max_chunksize=ROWS_PER_RECORD_BATCH):
+                for batch in part.to_batches(max_chunksize=per_batch):
                     stream.write_batch(batch)
             rows += table.num_rows
         for raw, _, stream, _ in files:
@@ -214,14 +266,18 @@ def gathered_tables(
     acts_RTD: torch.Tensor,
     toks_RT: torch.Tensor,
     order_N: torch.Tensor | None,
-    rows_per_chunk: int = ROWS_PER_RECORD_BATCH,
+    rows_per_chunk: int | None = None,
 ) -> Iterator[pa.Table]:
-    """The rows as tables of `rows_per_chunk` rows, with tokens taken in `order_N`
-    (flat token indices) when given: each chunk is gathered only when needed, so
-    reordering costs one chunk of memory, not a copy of the buffer."""
+    """The rows as tables of `rows_per_chunk` rows (default: the schema's rows per
+    record batch), with tokens taken in `order_N` (flat token indices) when given:
+    each chunk is gathered only when needed, so reordering costs one chunk of
+    memory, not a copy of the buffer."""
     n_rows, context_size, d_in = acts_RTD.shape
+    rows_per_chunk = rows_per_chunk or schema.rows_per_record_batch
     if order_N is None:
-        yield rows_to_table(schema, acts_RTD, toks_RT)
+        for start in range(0, max(n_rows, 1), rows_per_chunk):  # one if empty
+            stop = start + rows_per_chunk
+            yield rows_to_table(schema, acts_RTD[start:stop], toks_RT[start:stop])
         return
     acts_ND = acts_RTD.reshape(-1, d_in)
     toks_N = toks_RT.reshape(-1)

@@ -1,7 +1,9 @@
 """One rank of a data-parallel run under torchrun: `sae-cache-ext run CONFIG`, with
-this rank killed (SIGKILL) before its n-th buffer write when asked.
+this rank killed (SIGKILL) before its n-th buffer write when asked, or failing
+there with an exception (`--fail`).
 
     torchrun ... tests/dp_child.py CONFIG [--kill-rank R --kill-at N --kill-in F]
+                                         [--fail]
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from sae_cache_ext import shuffle
 from sae_cache_ext.cli import main
 
 
-def _kill_on_call(owner: object, name: str, n: int) -> None:
+def _kill_on_call(owner: object, name: str, n: int, fail: bool) -> None:
     real = getattr(owner, name)
     calls = 0
 
@@ -23,6 +25,8 @@ def _kill_on_call(owner: object, name: str, n: int) -> None:
         nonlocal calls
         calls += 1
         if calls == n:
+            if fail:
+                raise RuntimeError(f"injected failure at {name} call {n}")
             os.kill(os.getpid(), signal.SIGKILL)
         return real(*args, **kwargs)
 
@@ -37,11 +41,12 @@ if __name__ == "__main__":
     parser.add_argument(
         "--kill-in", choices=["write_buffer", "write_tables"], default="write_buffer"
     )
+    parser.add_argument("--fail", action="store_true")
     args = parser.parse_args()
     if args.kill_rank is not None and int(os.environ["RANK"]) == args.kill_rank:
         if args.kill_in == "write_buffer":  # a buffer of this rank's caching
             for sink in (shuffle.BucketShuffleSink, shuffle.OrderedSink):
-                _kill_on_call(sink, "write_buffer", args.kill_at)
-        else:  # a shard of rank 0's merge (the shuffle's gather)
-            _kill_on_call(shuffle, "write_tables", args.kill_at)
+                _kill_on_call(sink, "write_buffer", args.kill_at, args.fail)
+        else:  # a shard of this rank's share of the shuffle's gather
+            _kill_on_call(shuffle, "write_tables", args.kill_at, args.fail)
     sys.exit(main(["run", args.config, "--quiet"]))

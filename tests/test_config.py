@@ -22,6 +22,7 @@ NEW_FIELDS = {
     "on_non_finite": "error",
     "lease_stale_seconds": 120.0,
     "wait_for_lease": False,
+    "distributed_timeout_minutes": 360.0,
 }
 
 
@@ -122,3 +123,16 @@ def test_data_fingerprint_ignores_upload_fields_but_not_data_fields(make_cfg):
     assert make_cfg(resume=True).data_fingerprint == base
     assert make_cfg(seed=7).data_fingerprint != base
     assert make_cfg(exclude_special_tokens=[1]).data_fingerprint != base
+
+
+@pytest.mark.parametrize("bad", [0, -5, "60", True])
+def test_invalid_distributed_timeout_is_refused_with_the_field_name(make_cfg, bad):
+    with pytest.raises(ValueError, match="distributed_timeout_minutes"):
+        make_cfg(distributed_timeout_minutes=bad)
+
+
+def test_the_distributed_timeout_changes_no_fingerprint(make_cfg):
+    assert (
+        make_cfg(distributed_timeout_minutes=5).data_fingerprint
+        == make_cfg().data_fingerprint
+    )

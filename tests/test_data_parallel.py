@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -172,8 +173,13 @@ def test_three_ranks_shuffled_several_hooks_hold_the_same_multiset(
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("rank", "where", "at"),
-    [(1, "write_buffer", 2), (1, "write_buffer", 3), (0, "write_tables", 2)],
-    ids=["rank1-caching", "rank1-last-buffer", "rank0-merging"],
+    [
+        (1, "write_buffer", 2),
+        (1, "write_buffer", 3),
+        (0, "write_tables", 2),
+        (1, "write_tables", 2),
+    ],
+    ids=["rank1-caching", "rank1-last-buffer", "rank0-gathering", "rank1-gathering"],
 )
 def test_a_dead_rank_fails_the_job_cleanly_and_resume_continues(
     tmp_path, llama_dir, text_file, rank, where, at
@@ -200,3 +206,55 @@ def test_a_dead_rank_fails_the_job_cleanly_and_resume_continues(
     manifest = json.loads((out / MARKER).read_text())
     assert manifest["resumed"] is True
     assert not Layout.for_output(out).staging.exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("where", "at", "phase"),
+    [("write_buffer", 2, "caching"), ("write_tables", 1, "gathering")],
+)
+def test_a_failing_rank_fails_every_rank_at_once_without_torchrun(
+    tmp_path, llama_dir, text_file, where, at, phase
+):
+    """Two ranks started by hand (no torchrun to stop the job): rank 1 raises, and
+    rank 0 fails promptly with rank 1's error instead of waiting at a collective."""
+    options = {"shuffle": True, "resume": True, "distributed_timeout_minutes": 30}
+    config = _config(tmp_path / "dp", llama_dir, text_file, **options)
+    port = str(_free_port())
+    ranks = []
+    for rank in range(2):
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(ROOT),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+        }
+        command = [sys.executable, str(ROOT / "tests" / "dp_child.py"), str(config)]
+        command += ["--kill-rank", "1", "--kill-at", str(at), "--kill-in", where]
+        ranks.append(
+            subprocess.Popen(
+                [*command, "--fail"],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
+    outputs = [p.communicate(timeout=300) for p in ranks]
+    assert [p.returncode for p in ranks] == [1, 1], outputs[0][1][-3000:]
+    expected = f"The run failed while {phase} (rank 1: RuntimeError: injected failure"
+    assert expected in outputs[0][1], outputs[0][1][-3000:]
+    assert expected in outputs[1][1], outputs[1][1][-3000:]
+    out = tmp_path / "dp" / "cache"
+    assert not out.exists() and Layout.for_output(out).staging.exists()

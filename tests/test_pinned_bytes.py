@@ -71,6 +71,7 @@ ADDED_CONFIG_DEFAULTS = {
     "on_non_finite": "error",
     "lease_stale_seconds": 120.0,
     "wait_for_lease": False,
+    "distributed_timeout_minutes": 360.0,
 }
 # the libraries the bytes depend on
 PACKAGES = (

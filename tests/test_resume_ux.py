@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import pytest
 import torch
 
 from sae_cache_ext import CacheActivationsRunnerConfig, checkpoints, manifest, shuffle
+from sae_cache_ext import runner as runner_module
 from sae_cache_ext.staging import MARKER, Layout
 from tests.conftest import default_cfg_kwargs
 from tests.helpers import before_nth_call, cli_config, columns, run_ours
@@ -140,9 +140,9 @@ def test_a_resume_keeps_the_interrupted_runs_bucket_count(
     )
     ref = columns(run_ours(reference, tiny_model, corpus))
     cfg = _interrupted(tmp_path / "run", tiny_model, corpus)  # 7 buckets
-    # resumed where the open-file limit allows only 4
-    monkeypatch.setattr(resource, "getrlimit", lambda _: (8, 8))
-    assert shuffle.choose_n_buckets(cfg.n_buffers) == 4
+    # resumed where the bucket count would come out otherwise (say another version
+    # or environment sizes the shuffle differently)
+    monkeypatch.setattr(runner_module, "choose_n_buckets", lambda *_, **__: 4)
     acts, toks = columns(run_ours(cfg, tiny_model, corpus))
     assert acts.tobytes() == ref[0].tobytes() and np.array_equal(toks, ref[1])
     out = Path(cfg.new_cached_activations_path)
