@@ -126,32 +126,47 @@ def rerun_activations(
     return einops.rearrange(cache[hook_name], "b t ... -> b t (...)").cpu()
 
 
+def manifest_skip_reason(
+    manifest: dict[str, Any] | None, config: dict[str, Any] | None = None
+) -> str | None:
+    """Why this cache's rows cannot be re-run, known from its manifest alone (so
+    before any model is loaded), or None when they can."""
+    if config is None:
+        config = None if manifest is None else manifest.get("config")
+    if config is None:
+        return (
+            f"no {MARKER}, so it is unknown whether rows are whole original sequences"
+        )
+    if config.get("store_token_positions"):
+        return None  # every token says where it came from
+    fix = " (store_token_positions=True would make every token re-runnable)"
+    if config.get("shuffle_across_sequences"):
+        return (
+            "shuffle_across_sequences=True permuted tokens across rows, so rows are "
+            "not original sequences" + fix
+        )
+    if config.get("exclude_special_tokens") not in (False, None, []):
+        return (
+            "exclude_special_tokens removed tokens and re-packed the rest, so rows "
+            "are not original sequences" + fix
+        )
+    if manifest is not None and manifest.get("rows_are_sequences") is False:
+        return "the manifest says rows are not original sequences" + fix
+    ctx = config["context_size"]
+    if sliced_context_size(ctx, config.get("seqpos_slice")) != ctx:
+        return (
+            f"seqpos_slice={config.get('seqpos_slice')} stored only part of each "
+            "sequence, so the stored tokens are not the model's input" + fix
+        )
+    return None
+
+
 def _rerun_skip_reason(
     config: dict[str, Any] | None, report: VerifyReport
 ) -> str | None:
     if report.problems:
         return "the checks above found problems; fix those first"
-    if config is None:
-        return (
-            f"no {MARKER}, so it is unknown whether rows are whole original sequences"
-        )
-    if config.get("shuffle_across_sequences"):
-        return (
-            "shuffle_across_sequences=True permuted tokens across rows, so rows are "
-            "not original sequences"
-        )
-    if config.get("exclude_special_tokens") not in (False, None, []):
-        return (
-            "exclude_special_tokens removed tokens and re-packed the rest, so rows "
-            "are not original sequences"
-        )
-    ctx = config["context_size"]
-    if sliced_context_size(ctx, config.get("seqpos_slice")) != ctx:
-        return (
-            f"seqpos_slice={config.get('seqpos_slice')} stored only part of each "
-            "sequence, so the stored tokens are not the model's input"
-        )
-    return None
+    return manifest_skip_reason(None, config)
 
 
 def _sample_rows(n_rows: int, rows: int, seed: int) -> list[int]:
