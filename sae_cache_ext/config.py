@@ -30,6 +30,9 @@ _NON_DATA_FIELDS = frozenset(
         "on_non_finite",
     }
 )
+# Data fields added after caches were made: left out of the fingerprint at their
+# default, so a cache made before them keeps its fingerprint.
+_FINGERPRINT_DEFAULTS: dict[str, Any] = {"store_token_positions": False}
 
 
 @dataclass
@@ -84,6 +87,15 @@ class CacheActivationsRunnerConfig(_UpstreamConfig):
     buffer, naming the hook and the count, and nothing is written; `"warn"` keeps
     them and counts them in the manifest's `statistics`."""
 
+    store_token_positions: bool = False
+    """Store where every token came from: a `token_positions` column of
+    `Array2D((context_size, 2), int64)` beside `token_ids`, holding for each token
+    `(sequence, position)`: the index of the `context_size`-token sequence sae-lens's
+    store produced it in (counted from 0 over the run, across passes of the
+    dataset), and its position in that sequence (before `seqpos_slice`). The pair
+    travels with the token through exclusion and every shuffle, so `verify --model`
+    can rebuild any token's context. sae-lens's trainer ignores the column."""
+
     def __post_init__(self) -> None:
         # Cheap checks on our own fields first, so a bad value fails before the
         # parent's checks (which may look at the dataset).
@@ -122,6 +134,11 @@ class CacheActivationsRunnerConfig(_UpstreamConfig):
             raise ValueError(
                 "disable_concat_sequences must be True or False, got "
                 f"{self.disable_concat_sequences!r}."
+            )
+        if not isinstance(self.store_token_positions, bool):
+            raise ValueError(
+                "store_token_positions must be True or False, got "
+                f"{self.store_token_positions!r}."
             )
         if self.on_dataset_exhausted not in ("warn", "error", "repeat"):
             raise ValueError(
@@ -190,6 +207,9 @@ class CacheActivationsRunnerConfig(_UpstreamConfig):
             f.name: v
             for f, v in zip(fields(self), self.to_dict().values(), strict=True)
             if f.name not in _NON_DATA_FIELDS
+            and not (
+                f.name in _FINGERPRINT_DEFAULTS and _FINGERPRINT_DEFAULTS[f.name] == v
+            )
         }
         blob = json.dumps(values, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]

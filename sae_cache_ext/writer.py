@@ -36,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 ROWS_PER_RECORD_BATCH = 1024
 TOKEN_IDS = "token_ids"
+TOKEN_POSITIONS = "token_positions"
 
 
 def cache_features(
@@ -64,6 +65,7 @@ class CacheSchema:
     context_size: int
     dtype: str
     per_hook_folders: bool = False
+    token_positions: bool = False  # buffers' tokens carry (sequence, position)
 
     @property
     def width(self) -> int:
@@ -71,7 +73,13 @@ class CacheSchema:
 
     def hook_features(self, hook_name: str) -> Features:
         width = dict(self.hooks)[hook_name]
-        return cache_features(hook_name, self.context_size, width, self.dtype)
+        features = cache_features(hook_name, self.context_size, width, self.dtype)
+        return Features({**features, **self._position_features()})
+
+    def _position_features(self) -> dict[str, Array2D]:
+        if not self.token_positions:
+            return {}
+        return {TOKEN_POSITIONS: Array2D(shape=(self.context_size, 2), dtype="int64")}
 
     @property
     def features(self) -> Features:
@@ -81,7 +89,7 @@ class CacheSchema:
             for name, width in self.hooks
         }
         ids = Sequence(Value(dtype="int32"), length=self.context_size)
-        return Features({**columns, TOKEN_IDS: ids})
+        return Features({**columns, TOKEN_IDS: ids, **self._position_features()})
 
     @property
     def outputs(self) -> list[tuple[str, Features]]:
@@ -115,7 +123,10 @@ def rows_to_table(
     schema: CacheSchema, acts_RTD: torch.Tensor, toks_RT: torch.Tensor
 ) -> pa.Table:
     """Build an Arrow table from tensors without going through Python objects: one
-    column per hook (a slice of the last dimension each), then `token_ids`."""
+    column per hook (a slice of the last dimension each), then `token_ids`.
+
+    `toks_RT` is `(R, T)` token ids, or `(R, T, 3)` ids with each token's
+    `(sequence, position)` (`store_token_positions`), written as `token_positions`."""
     if acts_RTD.shape[-1] != schema.width:
         raise ValueError(
             f"activations have width {acts_RTD.shape[-1]}, but the hooks "
@@ -127,11 +138,18 @@ def rows_to_table(
             _array2d_column(acts_RTD[..., start : start + width], schema.dtype)
         )
         start += width
+    names = [name for name, _ in schema.hooks]
+    positions = []
+    if toks_RT.dim() == 3:
+        positions = [_array2d_column(toks_RT[..., 1:], "int64")]
+        toks_RT = toks_RT[..., 0]
     toks_col = pa.FixedSizeListArray.from_arrays(
         pa.array(_torch_to_numpy(toks_RT, "int32").reshape(-1)), schema.context_size
     )
-    names = [name for name, _ in schema.hooks]
-    return pa.Table.from_arrays([*columns, toks_col], names=[*names, TOKEN_IDS])
+    return pa.Table.from_arrays(
+        [*columns, toks_col, *positions],
+        names=[*names, TOKEN_IDS, *([TOKEN_POSITIONS] if positions else [])],
+    )
 
 
 @dataclass
@@ -224,14 +242,14 @@ def gathered_tables(
         yield rows_to_table(schema, acts_RTD, toks_RT)
         return
     acts_ND = acts_RTD.reshape(-1, d_in)
-    toks_N = toks_RT.reshape(-1)
+    toks_N = toks_RT.flatten(0, 1)  # (N,) or (N, 3) with positions
     for start in range(0, n_rows, rows_per_chunk):
         index = order_N[start * context_size : (start + rows_per_chunk) * context_size]
         rows = index.numel() // context_size
         yield rows_to_table(
             schema,
             acts_ND[index].view(rows, context_size, d_in),
-            toks_N[index].view(rows, context_size),
+            toks_N[index].view(rows, context_size, *toks_N.shape[1:]),
         )
 
 

@@ -65,7 +65,7 @@ VOLATILE_WRITER = ("max_queue_depth", "stall_seconds", "stalls", "write_seconds"
 # are tested where they are made: tests/test_statistics.py); config fields only when
 # at their default, which is the behaviour the pins were made with.
 ADDED_SINCE_PINS = ("statistics", "envelope", "excluded_tokens")
-ADDED_CONFIG_DEFAULTS = {"on_non_finite": "error"}
+ADDED_CONFIG_DEFAULTS = {"on_non_finite": "error", "store_token_positions": False}
 # the libraries the bytes depend on
 PACKAGES = (
     "torch",

@@ -126,6 +126,23 @@ def rerun_activations(
     return einops.rearrange(cache[hook_name], "b t ... -> b t (...)").cpu()
 
 
+@torch.no_grad()
+def rerun_tokens(
+    model: HookedRootModule,
+    sequences_ST: torch.Tensor,
+    positions_N2: torch.Tensor,
+    hook_name: str,
+    model_kwargs: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """Each token's activation at `hook_name`, `(N, D)`, from its rebuilt context:
+    the token's sequence (`positions_N2[:, 0]` indexes `sequences_ST`) run as the
+    store ran it (no BOS added), read at the token's position. A causal model's
+    activation there depends only on the sequence up to the token."""
+    wanted, inverse_N = torch.unique(positions_N2[:, 0], return_inverse=True)
+    acts_STD = rerun_activations(model, sequences_ST[wanted], hook_name, model_kwargs)
+    return acts_STD[inverse_N, positions_N2[:, 1]]
+
+
 def manifest_skip_reason(
     manifest: dict[str, Any] | None, config: dict[str, Any] | None = None
 ) -> str | None:
@@ -138,8 +155,13 @@ def manifest_skip_reason(
             f"no {MARKER}, so it is unknown whether rows are whole original sequences"
         )
     if config.get("store_token_positions"):
-        return None  # every token says where it came from
-    fix = " (store_token_positions=True would make every token re-runnable)"
+        fix = (
+            " (each token's (sequence, position) is in token_positions: "
+            "sae_cache_ext.provenance.source_sequences and verify.rerun.rerun_tokens "
+            "re-run any token from the source dataset, which verify does not read)"
+        )
+    else:
+        fix = " (store_token_positions=True would make every token re-runnable)"
     if config.get("shuffle_across_sequences"):
         return (
             "shuffle_across_sequences=True permuted tokens across rows, so rows are "
