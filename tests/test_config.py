@@ -20,6 +20,7 @@ NEW_FIELDS = {
     "hook_names": None,
     "resume": False,
     "on_non_finite": "error",
+    "store_token_positions": False,
 }
 
 
@@ -41,6 +42,18 @@ def test_new_fields_have_the_documented_defaults(make_cfg):
     assert set(NEW_FIELDS) == {
         f.name for f in dataclasses.fields(CacheActivationsRunnerConfig)
     } - {f.name for f in dataclasses.fields(sae_lens.CacheActivationsRunnerConfig)}
+
+
+def test_store_token_positions_changes_the_fingerprint_only_when_on(make_cfg):
+    plain = make_cfg()
+    assert make_cfg(store_token_positions=False).data_fingerprint == (
+        plain.data_fingerprint
+    )
+    assert make_cfg(store_token_positions=True).data_fingerprint != (
+        plain.data_fingerprint
+    )
+    with pytest.raises(ValueError, match="store_token_positions"):
+        make_cfg(store_token_positions="yes")
 
 
 def test_derived_sizes_match_upstream(tmp_path: Path):

@@ -4,8 +4,6 @@ sae-lens still trains from the dataset."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
