@@ -23,7 +23,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from sae_cache_ext.writer import TOKEN_IDS, CacheSchema, arrays_to_table
+from sae_cache_ext.writer import (
+    TOKEN_IDS,
+    TOKEN_POSITIONS,
+    CacheSchema,
+    arrays_to_table,
+)
 
 MIN_BUCKETS = 4
 # Expected bytes of a shard at most; a bucket's size varies with its random share
@@ -59,10 +64,12 @@ def append_batches(
 
 @dataclass
 class Bucket:
-    """One bucket's rows: each hook's values `(R, T, D)` and the token ids `(R, T)`."""
+    """One bucket's rows: each hook's values `(R, T, D)`, the token ids `(R, T)`
+    and, with `store_token_positions`, each token's `(sequence, position)`."""
 
     hooks_RTD: list[np.ndarray]
     toks_RT: np.ndarray
+    positions_RT2: np.ndarray | None = None
 
     @property
     def rows(self) -> int:
@@ -74,11 +81,15 @@ class Bucket:
         return cls(
             [np.empty((rows, T, w), dtype=schema.dtype) for _, w in schema.hooks],
             np.empty((rows, T), dtype=np.int32),
+            np.empty((rows, T, 2), dtype=np.int64) if schema.token_positions else None,
         )
 
     def head(self, rows: int) -> Bucket:
         """The first `rows` rows (views)."""
-        return Bucket([v[:rows] for v in self.hooks_RTD], self.toks_RT[:rows])
+        positions = None if self.positions_RT2 is None else self.positions_RT2[:rows]
+        return Bucket(
+            [v[:rows] for v in self.hooks_RTD], self.toks_RT[:rows], positions
+        )
 
 
 def _values(column: pa.Array) -> np.ndarray:
@@ -145,6 +156,10 @@ class BucketReader:
                 bucket.toks_RT[start:stop].reshape(-1)[:] = _values(
                     batch.column(TOKEN_IDS)
                 )
+                if bucket.positions_RT2 is not None:
+                    bucket.positions_RT2[start:stop].reshape(-1)[:] = _values(
+                        batch.column(TOKEN_POSITIONS)
+                    )
                 start = stop
         if start != rows:
             raise RuntimeError(f"The bucket files {paths} changed while being read.")
@@ -163,4 +178,14 @@ class BucketReader:
             for values, taken in zip(bucket.hooks_RTD, out.hooks_RTD, strict=True):
                 np.take(values, index, axis=0, out=taken, mode="clip")
             np.take(bucket.toks_RT, index, axis=0, out=out.toks_RT, mode="clip")
-            yield arrays_to_table(self.schema, out.hooks_RTD, out.toks_RT)
+            if bucket.positions_RT2 is not None and out.positions_RT2 is not None:
+                np.take(
+                    bucket.positions_RT2,
+                    index,
+                    axis=0,
+                    out=out.positions_RT2,
+                    mode="clip",
+                )
+            yield arrays_to_table(
+                self.schema, out.hooks_RTD, out.toks_RT, out.positions_RT2
+            )

@@ -127,11 +127,15 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from sae_cache_ext.verify import verify_cache
 
-    model = None
-    if args.model:
-        with explain_hub_errors(f"--model {args.model}", model_fix(args.model)):
-            model = _load_model_by_name(args.model)
-    report = verify_cache(args.path, model=model, rows=args.rows, seed=args.seed)
+    name = args.model
+
+    def load() -> Any:  # called only if the cache's rows can be re-run
+        with explain_hub_errors(f"--model {name}", model_fix(name)):
+            return _load_model_by_name(name)
+
+    report = verify_cache(
+        args.path, model=load if name else None, rows=args.rows, seed=args.seed
+    )
     print(json.dumps(asdict(report)) if args.json else report.format())
     return EXIT_OK if report.ok else EXIT_VERIFY_FAILED
 

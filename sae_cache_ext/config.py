@@ -33,6 +33,9 @@ _NON_DATA_FIELDS = frozenset(
         "distributed_timeout_minutes",
     }
 )
+# Data fields added after caches were made: left out of the fingerprint at their
+# default, so a cache made before them keeps its fingerprint.
+_FINGERPRINT_DEFAULTS: dict[str, Any] = {"store_token_positions": False}
 
 
 @dataclass
@@ -104,6 +107,15 @@ class CacheActivationsRunnerConfig(_UpstreamConfig):
     before failing. A rank that fails makes every rank fail at once with its error;
     this only bounds the wait for a rank that hangs (or is slower by that much)."""
 
+    store_token_positions: bool = False
+    """Store where every token came from: a `token_positions` column of
+    `Array2D((context_size, 2), int64)` beside `token_ids`, holding for each token
+    `(sequence, position)`: the index of the `context_size`-token sequence sae-lens's
+    store produced it in (counted from 0 over the run, across passes of the
+    dataset), and its position in that sequence (before `seqpos_slice`). The pair
+    travels with the token through exclusion and every shuffle, so `verify --model`
+    can rebuild any token's context. sae-lens's trainer ignores the column."""
+
     def __post_init__(self) -> None:
         # Cheap checks on our own fields first, so a bad value fails before the
         # parent's checks (which may look at the dataset).
@@ -142,6 +154,11 @@ class CacheActivationsRunnerConfig(_UpstreamConfig):
             raise ValueError(
                 "disable_concat_sequences must be True or False, got "
                 f"{self.disable_concat_sequences!r}."
+            )
+        if not isinstance(self.store_token_positions, bool):
+            raise ValueError(
+                "store_token_positions must be True or False, got "
+                f"{self.store_token_positions!r}."
             )
         if self.on_dataset_exhausted not in ("warn", "error", "repeat"):
             raise ValueError(
@@ -233,6 +250,9 @@ class CacheActivationsRunnerConfig(_UpstreamConfig):
             f.name: v
             for f, v in zip(fields(self), self.to_dict().values(), strict=True)
             if f.name not in _NON_DATA_FIELDS
+            and not (
+                f.name in _FINGERPRINT_DEFAULTS and _FINGERPRINT_DEFAULTS[f.name] == v
+            )
         }
 
     def run_fingerprint(self, world_size: int = 1) -> str:

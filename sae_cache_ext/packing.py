@@ -1,6 +1,9 @@
 """Pure tensor functions: token exclusion with carry-over, per-buffer permutations.
 
-Nothing here touches a disk or a model. Shape suffixes:
+Nothing here touches a disk or a model. Token ids come as `toks_N` / `toks_RT`, or,
+with `store_token_positions`, as `(N, 3)` / `(R, T, 3)` records `(id, sequence,
+position)` that move exactly as the ids do (`token_ids_of` gives the ids). Shape
+suffixes:
     N  tokens (flattened), R  rows, T  tokens per row (context size after slicing),
     D  d_in, K  buckets of the persisted row shuffle.
 """
@@ -36,13 +39,36 @@ def seeded_generator(seed: int, index: int, stream: Stream) -> torch.Generator:
     )
 
 
+def token_ids_of(toks: torch.Tensor, positions: bool) -> torch.Tensor:
+    """The token ids of `toks`: itself, or the first field of its records."""
+    return toks[..., 0] if positions else toks
+
+
+def with_positions(toks_BT: torch.Tensor, first_sequence: int, start: int = 0):
+    """`(B, T)` token ids of consecutive sequences, the first numbered
+    `first_sequence`, as `(B*T, 3)` records `(id, sequence, position)`; positions
+    count from `start` (the first position kept by `seqpos_slice`)."""
+    n_rows, n_tokens = toks_BT.shape
+    sequence_BT = torch.arange(first_sequence, first_sequence + n_rows).view(-1, 1)
+    position_BT = torch.arange(start, start + n_tokens).view(1, -1)
+    records = torch.stack(
+        torch.broadcast_tensors(
+            toks_BT.long().cpu(), sequence_BT.expand(-1, n_tokens), position_BT
+        ),
+        dim=-1,
+    )
+    return records.reshape(-1, 3)
+
+
 def drop_tokens(
     acts_ND: torch.Tensor, toks_N: torch.Tensor, exclude_ids: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Remove the positions whose token id is in `exclude_ids`, keeping pairs aligned."""
+    """Remove the positions whose token id is in `exclude_ids`, keeping pairs aligned
+    (`toks_N` may be `(N, 3)` records: their ids are the first field)."""
     if exclude_ids is None or exclude_ids.numel() == 0:
         return acts_ND, toks_N
-    keep_N = ~torch.isin(toks_N, exclude_ids.to(toks_N.device))
+    ids_N = token_ids_of(toks_N, toks_N.dim() == 2)
+    keep_N = ~torch.isin(ids_N, exclude_ids.to(toks_N.device))
     return acts_ND[keep_N], toks_N[keep_N]
 
 
@@ -118,7 +144,7 @@ class RowPacker:
                         (need, chunk_acts.shape[1]), chunk_acts.dtype
                     )
                 )
-                toks_N = chunk_toks.new_empty((need,))
+                toks_N = chunk_toks.new_empty((need, *chunk_toks.shape[1:]))
             take = min(need - filled, chunk_toks.shape[0])
             if self.stager is None:
                 acts_ND[filled : filled + take] = chunk_acts[:take]
@@ -166,9 +192,10 @@ class RowPacker:
 def rows_from_tokens(
     acts_ND: torch.Tensor, toks_N: torch.Tensor, context_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fold flat token streams into rows: `(R*T, D), (R*T,) -> (R, T, D), (R, T)`."""
+    """Fold flat token streams into rows: `(R*T, D), (R*T,) -> (R, T, D), (R, T)`
+    (or `(R*T, 3) -> (R, T, 3)` records)."""
     acts_RTD = einops.rearrange(acts_ND, "(r t) d -> r t d", t=context_size)
-    toks_RT = einops.rearrange(toks_N, "(r t) -> r t", t=context_size)
+    toks_RT = einops.rearrange(toks_N, "(r t) ... -> r t ...", t=context_size)
     return acts_RTD, toks_RT
 
 
@@ -180,7 +207,7 @@ def permute_tokens(
     n_rows, context_size, _ = acts_RTD.shape
     perm_N = torch.randperm(n_rows * context_size, generator=generator)
     acts_ND = einops.rearrange(acts_RTD, "r t d -> (r t) d")[perm_N]
-    toks_N = einops.rearrange(toks_RT, "r t -> (r t)")[perm_N]
+    toks_N = einops.rearrange(toks_RT, "r t ... -> (r t) ...")[perm_N]
     return rows_from_tokens(acts_ND, toks_N, context_size)
 
 

@@ -28,6 +28,7 @@ from transformer_lens.hook_points import HookedRootModule
 from sae_cache_ext import checkpoints, envelope, manifest, staging
 from sae_cache_ext.checkpoints import Checkpoint, Phase
 from sae_cache_ext.config import CacheActivationsRunnerConfig
+from sae_cache_ext.packing import token_ids_of
 from sae_cache_ext.plan import BufferPlan
 from sae_cache_ext.producer import Buffer, Producer
 from sae_cache_ext.shuffle import BucketShuffleSink, OrderedSink, Shards, Sink
@@ -269,7 +270,7 @@ class Pipeline:
         measured = envelope.measure(
             self.model,
             buffer.acts_RTD,
-            buffer.toks_RT,
+            token_ids_of(buffer.toks_RT, self.schema.token_positions),
             self.schema.hooks,
             self.schema.dtype,
             cfg.model_batch_size,

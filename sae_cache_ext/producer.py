@@ -28,7 +28,7 @@ class Buffer:
 
     number: int  # run-wide: seeds its randomness and names its files
     acts_RTD: torch.Tensor
-    toks_RT: torch.Tensor
+    toks_RT: torch.Tensor  # (R, T) ids, or (R, T, 3) records with positions
     order_N: torch.Tensor | None  # the order to write its tokens in (None: as is)
 
 
@@ -72,7 +72,7 @@ class Producer:
         def pull() -> tuple[torch.Tensor, torch.Tensor]:
             acts_ND, toks_N = self.source.next_batch()
             if progress is not None and progress.total is not None:
-                progress.update(min(toks_N.numel(), progress.total - progress.n))
+                progress.update(min(toks_N.shape[0], progress.total - progress.n))
             return acts_ND, toks_N
 
         acts_RTD, toks_RT = self.packer.fill(self.plan.rows_in_buffer(index), pull)
@@ -82,7 +82,7 @@ class Producer:
             if self.shuffle_across_sequences
             else None
         )
-        n_rows, context_size = toks_RT.shape
+        n_rows, context_size = toks_RT.shape[:2]
         self.rows_cached += n_rows
         order_N = token_order(n_rows, context_size, generator)
         return Buffer(number, acts_RTD, toks_RT, order_N)

@@ -99,6 +99,7 @@ class CacheActivationsRunner(_UpstreamRunner):
             context_size=self.context_size,
             dtype=cfg.dtype,
             per_hook_folders=cfg.hook_names is not None,
+            token_positions=cfg.store_token_positions,
         )
         self.source = ActivationSource(
             cfg,

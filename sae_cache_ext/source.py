@@ -32,7 +32,7 @@ from transformer_lens.hook_points import HookedRootModule
 
 from sae_cache_ext import accounting
 from sae_cache_ext.config import CacheActivationsRunnerConfig
-from sae_cache_ext.packing import drop_tokens
+from sae_cache_ext.packing import drop_tokens, with_positions
 from sae_cache_ext.validate import hook_width
 
 logger = logging.getLogger(__name__)
@@ -177,11 +177,17 @@ class ActivationSource:
         if toks_N is None:
             raise ValueError("the activations store returned no token ids")
         n_rows = toks_N.numel() // self.context_size
+        first_sequence = self.rows_used
         self.rows_used += n_rows
         sliced_off = n_rows * (self.cfg.context_size - self.context_size)
         if sliced_off:
             self.ledger.dropped[accounting.OUTSIDE_SEQPOS_SLICE] += sliced_off
         self.ledger.exclude(toks_N, self.exclude_ids)
+        if self.cfg.store_token_positions:
+            start = slice(*self.store.seqpos_slice).indices(self.cfg.context_size)[0]
+            toks_N = with_positions(
+                toks_N.view(n_rows, self.context_size), first_sequence, start
+            )
         return drop_tokens(acts_ND, toks_N, self.exclude_ids)
 
     def _raw_batch(

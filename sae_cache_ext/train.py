@@ -41,7 +41,9 @@ class SAEEvaluation:
 def cache_shape(cache_path: str | Path) -> tuple[str, int, int, int]:
     """`(hook_name, rows, context_size, d_in)` read from the cache's schema."""
     dataset = Dataset.load_from_disk(str(cache_path))
-    (hook_name,) = [c for c in dataset.column_names if c != "token_ids"]
+    (hook_name,) = [
+        c for c in dataset.column_names if c not in ("token_ids", "token_positions")
+    ]
     context_size, d_in = dataset.features[hook_name].shape
     return hook_name, len(dataset), context_size, d_in
 

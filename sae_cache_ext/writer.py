@@ -40,6 +40,7 @@ ROWS_PER_RECORD_BATCH = 1024
 # it to stand in for sizes this machine cannot hold.
 MAX_VALUES_PER_RECORD_BATCH = 2**31 - 1
 TOKEN_IDS = "token_ids"
+TOKEN_POSITIONS = "token_positions"
 
 
 def rows_per_record_batch(values_per_row: int) -> int:
@@ -87,6 +88,7 @@ class CacheSchema:
     context_size: int
     dtype: str
     per_hook_folders: bool = False
+    token_positions: bool = False  # buffers' tokens carry (sequence, position)
 
     @property
     def width(self) -> int:
@@ -94,7 +96,13 @@ class CacheSchema:
 
     def hook_features(self, hook_name: str) -> Features:
         width = dict(self.hooks)[hook_name]
-        return cache_features(hook_name, self.context_size, width, self.dtype)
+        features = cache_features(hook_name, self.context_size, width, self.dtype)
+        return Features({**features, **self._position_features()})
+
+    def _position_features(self) -> dict[str, Array2D]:
+        if not self.token_positions:
+            return {}
+        return {TOKEN_POSITIONS: Array2D(shape=(self.context_size, 2), dtype="int64")}
 
     @property
     def features(self) -> Features:
@@ -104,7 +112,7 @@ class CacheSchema:
             for name, width in self.hooks
         }
         ids = Sequence(Value(dtype="int32"), length=self.context_size)
-        return Features({**columns, TOKEN_IDS: ids})
+        return Features({**columns, TOKEN_IDS: ids, **self._position_features()})
 
     @property
     def rows_per_record_batch(self) -> int:
@@ -153,24 +161,35 @@ def array2d_column(values_RTD: np.ndarray) -> pa.ExtensionArray:
 
 
 def arrays_to_table(
-    schema: CacheSchema, hooks_RTD: list[np.ndarray], toks_RT: np.ndarray
+    schema: CacheSchema,
+    hooks_RTD: list[np.ndarray],
+    toks_RT: np.ndarray,
+    positions_RT2: np.ndarray | None = None,
 ) -> pa.Table:
     """An Arrow table of numpy arrays: one Array2D column per hook (in the schema's
-    dtype), then `token_ids` (int32)."""
+    dtype), then `token_ids` (int32), then `token_positions` (int64) if given."""
     columns = [
         array2d_column(values.astype(schema.dtype, copy=False)) for values in hooks_RTD
     ]
     toks = np.ascontiguousarray(toks_RT, dtype=np.int32).reshape(-1)
     toks_col = pa.FixedSizeListArray.from_arrays(pa.array(toks), schema.context_size)
     names = [name for name, _ in schema.hooks]
-    return pa.Table.from_arrays([*columns, toks_col], names=[*names, TOKEN_IDS])
+    if positions_RT2 is None:
+        return pa.Table.from_arrays([*columns, toks_col], names=[*names, TOKEN_IDS])
+    positions = array2d_column(np.ascontiguousarray(positions_RT2, dtype=np.int64))
+    return pa.Table.from_arrays(
+        [*columns, toks_col, positions], names=[*names, TOKEN_IDS, TOKEN_POSITIONS]
+    )
 
 
 def rows_to_table(
     schema: CacheSchema, acts_RTD: torch.Tensor, toks_RT: torch.Tensor
 ) -> pa.Table:
     """Build an Arrow table from tensors without going through Python objects: one
-    column per hook (a slice of the last dimension each), then `token_ids`."""
+    column per hook (a slice of the last dimension each), then `token_ids`.
+
+    `toks_RT` is `(R, T)` token ids, or `(R, T, 3)` ids with each token's
+    `(sequence, position)` (`store_token_positions`), written as `token_positions`."""
     if acts_RTD.shape[-1] != schema.width:
         raise ValueError(
             f"activations have width {acts_RTD.shape[-1]}, but the hooks "
@@ -182,7 +201,13 @@ def rows_to_table(
             _torch_to_numpy(acts_RTD[..., start : start + width], schema.dtype)
         )
         start += width
-    return arrays_to_table(schema, columns, _torch_to_numpy(toks_RT, "int32"))
+    positions_RT2 = None
+    if toks_RT.dim() == 3:
+        positions_RT2 = _torch_to_numpy(toks_RT[..., 1:], "int64")
+        toks_RT = toks_RT[..., 0]
+    return arrays_to_table(
+        schema, columns, _torch_to_numpy(toks_RT, "int32"), positions_RT2
+    )
 
 
 @dataclass
@@ -280,14 +305,14 @@ def gathered_tables(
             yield rows_to_table(schema, acts_RTD[start:stop], toks_RT[start:stop])
         return
     acts_ND = acts_RTD.reshape(-1, d_in)
-    toks_N = toks_RT.reshape(-1)
+    toks_N = toks_RT.flatten(0, 1)  # (N,) or (N, 3) with positions
     for start in range(0, n_rows, rows_per_chunk):
         index = order_N[start * context_size : (start + rows_per_chunk) * context_size]
         rows = index.numel() // context_size
         yield rows_to_table(
             schema,
             acts_ND[index].view(rows, context_size, d_in),
-            toks_N[index].view(rows, context_size),
+            toks_N[index].view(rows, context_size, *toks_N.shape[1:]),
         )
 
 

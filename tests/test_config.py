@@ -23,6 +23,7 @@ NEW_FIELDS = {
     "lease_stale_seconds": 120.0,
     "wait_for_lease": False,
     "distributed_timeout_minutes": 360.0,
+    "store_token_positions": False,
 }
 
 
@@ -44,6 +45,18 @@ def test_new_fields_have_the_documented_defaults(make_cfg):
     assert set(NEW_FIELDS) == {
         f.name for f in dataclasses.fields(CacheActivationsRunnerConfig)
     } - {f.name for f in dataclasses.fields(sae_lens.CacheActivationsRunnerConfig)}
+
+
+def test_store_token_positions_changes_the_fingerprint_only_when_on(make_cfg):
+    plain = make_cfg()
+    assert make_cfg(store_token_positions=False).data_fingerprint == (
+        plain.data_fingerprint
+    )
+    assert make_cfg(store_token_positions=True).data_fingerprint != (
+        plain.data_fingerprint
+    )
+    with pytest.raises(ValueError, match="store_token_positions"):
+        make_cfg(store_token_positions="yes")
 
 
 def test_derived_sizes_match_upstream(tmp_path: Path):

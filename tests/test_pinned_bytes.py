@@ -72,6 +72,7 @@ ADDED_CONFIG_DEFAULTS = {
     "lease_stale_seconds": 120.0,
     "wait_for_lease": False,
     "distributed_timeout_minutes": 360.0,
+    "store_token_positions": False,
 }
 # the libraries the bytes depend on
 PACKAGES = (

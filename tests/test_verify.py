@@ -157,6 +157,33 @@ def test_the_rerun_is_skipped_with_a_reason_when_rows_are_not_sequences(
     assert any(s.startswith(CHECK_RERUN) and reason in s for s in report.skipped)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"exclude_special_tokens": True}, "exclude_special_tokens"),
+        (
+            {"shuffle": True, "shuffle_across_sequences": True, "hook_names": [HOOK]},
+            "shuffle_across_sequences",
+        ),
+    ],
+    ids=["exclusion", "shuffle_across_sequences-hook_names"],
+)
+def test_the_rerun_skip_is_said_before_any_model_is_loaded(
+    make_cfg, tiny_model, corpus, tmp_path, overrides, reason
+):
+    cache = make_cache(make_cfg, tiny_model, corpus, **overrides)
+    loaded = []
+    report = verify_cache(cache, model=lambda: loaded.append(1) or tiny_model)
+    assert loaded == [] and report.ok, report.format()
+    (skip,) = [s for s in report.skipped if CHECK_RERUN in s]
+    assert reason in skip and "store_token_positions" in skip
+    # the command line: a model that does not exist is never looked for
+    from sae_cache_ext.cli import main
+
+    missing = str(tmp_path / "no-such-model")
+    assert main(["verify", str(cache), "--model", missing]) == 0
+
+
 def test_a_row_shuffled_cache_still_reruns(make_cfg, tiny_model, corpus):
     # shuffle=True alone moves whole rows: each row is still an original sequence
     cache = make_cache(make_cfg, tiny_model, corpus, shuffle=True)

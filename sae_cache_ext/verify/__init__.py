@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,7 @@ from sae_cache_ext.verify.rerun import (
     check_rerun,
     compare_activations,
     default_tolerances,
+    manifest_skip_reason,
     rerun_activations,
 )
 from sae_cache_ext.writer import TOKEN_IDS
@@ -91,6 +93,7 @@ __all__ = [
     "describe_cache",
     "folder_bytes",
     "format_description",
+    "manifest_skip_reason",
     "rerun_activations",
     "verify_cache",
 ]
@@ -98,9 +101,13 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+ModelLoader = Callable[[], HookedRootModule]
+"""Loads the model for the re-run; called only when the cache's rows can be re-run."""
+
+
 def verify_cache(
     path: str | os.PathLike[str],
-    model: HookedRootModule | None = None,
+    model: HookedRootModule | ModelLoader | None = None,
     rows: int = 8,
     seed: int = 0,
     atol: float | None = None,
@@ -108,17 +115,30 @@ def verify_cache(
 ) -> VerifyReport:
     """Check the cache at `path` (see the module docstring for the checks).
 
-    With `model` (an already-loaded HookedTransformer), `rows` rows drawn with a
+    With `model` (a HookedTransformer, or a function that loads one), `rows` rows drawn with a
     generator seeded by `seed` are run again and compared with the stored
     activations within `atol` (a fraction of the activation scale) and `rtol`
     (defaults: `DEFAULT_TOLERANCES`). The re-run is skipped, with the reason in
-    `skipped`, when rows are not whole original sequences or a check failed.
+    `skipped`, when rows are not whole original sequences or a check failed. A
+    loader is not called when the manifest already says the rows cannot be re-run.
     """
     if rows < 0:
         raise ValueError(f"rows={rows} is negative: pass the number of rows to re-run.")
     folder = cache_folder(path)
     report = VerifyReport(path=str(folder.absolute()), ok=False)
     manifest = check_manifest(folder, report)
+    if model is not None and not isinstance(model, HookedRootModule):
+        reason = (
+            "the checks above found problems; fix those first"
+            if report.problems
+            else manifest_skip_reason(manifest)
+        )
+        if reason is not None:
+            # said up front: the model is never loaded
+            report.skipped.append(f"{CHECK_RERUN}: {reason}")
+            model = None
+        else:
+            model = model()
     if manifest is not None and isinstance(manifest.get("hook_datasets"), dict):
         return _verify_hook_datasets(
             folder, manifest, report, model, rows, seed, atol, rtol
@@ -135,7 +155,8 @@ def verify_cache(
         report.checks.append(CHECK_SCHEMA)
         report.problems += schema_problems(features, expected)
     if model is None:
-        report.skipped.append(f"{CHECK_RERUN}: no model given")
+        if not any(s.startswith(CHECK_RERUN) for s in report.skipped):
+            report.skipped.append(f"{CHECK_RERUN}: no model given")
     else:
         report.envelope = None if manifest is None else manifest.get("envelope")
         check_rerun(dataset, model, config, expected, rows, seed, (atol, rtol), report)
@@ -157,10 +178,15 @@ def _verify_hook_datasets(
     """A cache of several hooks: verify each hook's dataset, and that they hold the
     same rows and the same `token_ids`."""
     token_ids = None
+    said_up_front = any(s.startswith(CHECK_RERUN) for s in report.skipped)
     for hook, entry in manifest["hook_datasets"].items():
         sub = verify_cache(folder / entry["folder"], model, rows, seed, atol, rtol)
         report.checks += [f"{hook}: {check}" for check in sub.checks]
-        report.skipped += [f"{hook}: {reason}" for reason in sub.skipped]
+        report.skipped += [
+            f"{hook}: {reason}"
+            for reason in sub.skipped
+            if not (said_up_front and reason.startswith(CHECK_RERUN))
+        ]
         report.problems += [f"{hook}: {problem}" for problem in sub.problems]
         if model is not None:
             report.envelope = manifest.get("envelope")

@@ -16,6 +16,7 @@ from datasets import Array2D, Features, Value
 
 from sae_cache_ext.hub import CONFIG_FILENAME
 from sae_cache_ext.staging import MARKER, TOOL
+from sae_cache_ext.writer import TOKEN_POSITIONS
 
 STATE_FILE = "state.json"
 INFO_FILE = "dataset_info.json"
@@ -68,7 +69,11 @@ def hook_column(features: Features, config: dict[str, Any] | None) -> str | None
     hook = None if config is None else config.get("hook_name")
     if hook in features and isinstance(features[hook], Array2D):
         return hook
-    arrays = [name for name, f in features.items() if isinstance(f, Array2D)]
+    arrays = [
+        name
+        for name, f in features.items()
+        if isinstance(f, Array2D) and name != TOKEN_POSITIONS
+    ]
     return arrays[0] if len(arrays) == 1 else None
 
 

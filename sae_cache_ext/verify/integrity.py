@@ -31,7 +31,7 @@ from sae_cache_ext.verify.report import (
     Expected,
     VerifyReport,
 )
-from sae_cache_ext.writer import TOKEN_IDS, file_sha256
+from sae_cache_ext.writer import TOKEN_IDS, TOKEN_POSITIONS, file_sha256
 
 _CONFIG_KEYS = ("hook_name", "context_size", "d_in", "dtype")
 
@@ -219,7 +219,7 @@ def schema_problems(features: Features, expected: Expected) -> list[str]:
             f"exactly one Array2D column beside {TOKEN_IDS!r}."
         ]
     problems = []
-    extra = sorted(set(features) - {hook, TOKEN_IDS})
+    extra = sorted(set(features) - {hook, TOKEN_IDS, TOKEN_POSITIONS})
     if extra:
         problems.append(
             f"unexpected columns {extra} beside {hook!r} and {TOKEN_IDS!r}."
@@ -229,6 +229,12 @@ def schema_problems(features: Features, expected: Expected) -> list[str]:
         found = feature_text(features[hook]) if hook in features else "no such column"
         problems.append(
             f"column {hook!r} is {found}, expected {feature_text(want_hook)}."
+        )
+    want_positions = Array2D(shape=(ctx, 2), dtype="int64")
+    if TOKEN_POSITIONS in features and features[TOKEN_POSITIONS] != want_positions:
+        problems.append(
+            f"column {TOKEN_POSITIONS!r} is {feature_text(features[TOKEN_POSITIONS])}"
+            f", expected {feature_text(want_positions)}."
         )
     want_toks = Sequence(Value("int32"), length=ctx)
     if features.get(TOKEN_IDS) != want_toks:

@@ -126,32 +126,69 @@ def rerun_activations(
     return einops.rearrange(cache[hook_name], "b t ... -> b t (...)").cpu()
 
 
+@torch.no_grad()
+def rerun_tokens(
+    model: HookedRootModule,
+    sequences_ST: torch.Tensor,
+    positions_N2: torch.Tensor,
+    hook_name: str,
+    model_kwargs: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """Each token's activation at `hook_name`, `(N, D)`, from its rebuilt context:
+    the token's sequence (`positions_N2[:, 0]` indexes `sequences_ST`) run as the
+    store ran it (no BOS added), read at the token's position. A causal model's
+    activation there depends only on the sequence up to the token."""
+    wanted, inverse_N = torch.unique(positions_N2[:, 0], return_inverse=True)
+    acts_STD = rerun_activations(model, sequences_ST[wanted], hook_name, model_kwargs)
+    return acts_STD[inverse_N, positions_N2[:, 1]]
+
+
+def manifest_skip_reason(
+    manifest: dict[str, Any] | None, config: dict[str, Any] | None = None
+) -> str | None:
+    """Why this cache's rows cannot be re-run, known from its manifest alone (so
+    before any model is loaded), or None when they can."""
+    if config is None:
+        config = None if manifest is None else manifest.get("config")
+    if config is None:
+        return (
+            f"no {MARKER}, so it is unknown whether rows are whole original sequences"
+        )
+    if config.get("store_token_positions"):
+        fix = (
+            " (each token's (sequence, position) is in token_positions: "
+            "sae_cache_ext.provenance.source_sequences and verify.rerun.rerun_tokens "
+            "re-run any token from the source dataset, which verify does not read)"
+        )
+    else:
+        fix = " (store_token_positions=True would make every token re-runnable)"
+    if config.get("shuffle_across_sequences"):
+        return (
+            "shuffle_across_sequences=True permuted tokens across rows, so rows are "
+            "not original sequences" + fix
+        )
+    if config.get("exclude_special_tokens") not in (False, None, []):
+        return (
+            "exclude_special_tokens removed tokens and re-packed the rest, so rows "
+            "are not original sequences" + fix
+        )
+    if manifest is not None and manifest.get("rows_are_sequences") is False:
+        return "the manifest says rows are not original sequences" + fix
+    ctx = config["context_size"]
+    if sliced_context_size(ctx, config.get("seqpos_slice")) != ctx:
+        return (
+            f"seqpos_slice={config.get('seqpos_slice')} stored only part of each "
+            "sequence, so the stored tokens are not the model's input" + fix
+        )
+    return None
+
+
 def _rerun_skip_reason(
     config: dict[str, Any] | None, report: VerifyReport
 ) -> str | None:
     if report.problems:
         return "the checks above found problems; fix those first"
-    if config is None:
-        return (
-            f"no {MARKER}, so it is unknown whether rows are whole original sequences"
-        )
-    if config.get("shuffle_across_sequences"):
-        return (
-            "shuffle_across_sequences=True permuted tokens across rows, so rows are "
-            "not original sequences"
-        )
-    if config.get("exclude_special_tokens") not in (False, None, []):
-        return (
-            "exclude_special_tokens removed tokens and re-packed the rest, so rows "
-            "are not original sequences"
-        )
-    ctx = config["context_size"]
-    if sliced_context_size(ctx, config.get("seqpos_slice")) != ctx:
-        return (
-            f"seqpos_slice={config.get('seqpos_slice')} stored only part of each "
-            "sequence, so the stored tokens are not the model's input"
-        )
-    return None
+    return manifest_skip_reason(None, config)
 
 
 def _sample_rows(n_rows: int, rows: int, seed: int) -> list[int]:
