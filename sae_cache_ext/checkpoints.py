@@ -28,9 +28,8 @@ import torch
 from sae_cache_ext.producer import ProducerState
 from sae_cache_ext.shuffle import SinkState, sink_state_from_json
 from sae_cache_ext.source import SourceState
-from sae_cache_ext.staging import fsync_dir
 from sae_cache_ext.statistics import CacheStatistics
-from sae_cache_ext.writer import write_json_atomic
+from sae_cache_ext.writer import fsync_dir, write_json_atomic
 
 CHECKPOINT = "checkpoint.json"
 CARRY_PREFIX = "carry-"

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sae_cache_ext.writer import fsync_dir
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_STALE_SECONDS = 120.0
@@ -86,15 +88,6 @@ class Holder:
         except PermissionError:
             return False
         return False
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _fs_now(folder: Path) -> float:
@@ -233,7 +226,7 @@ class Lease:
         self._thread.join()
         if self.held():
             self.path.unlink(missing_ok=True)
-            _fsync_dir(self.path.parent)
+            fsync_dir(self.path.parent)
 
     def __enter__(self) -> Lease:
         return self
@@ -261,7 +254,7 @@ def _create(path: Path, run_id: str) -> bool:
         os.fsync(fd)
     finally:
         os.close(fd)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     return True
 
 

@@ -31,6 +31,7 @@ from sae_cache_ext.packing import Stream, assign_buckets, seeded_generator
 from sae_cache_ext.writer import (
     CacheSchema,
     ShardInfo,
+    fsync_dir,
     gathered_tables,
     release_freed_memory,
     write_split_tables,
@@ -180,14 +181,6 @@ def _write_shards(
     )
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _check_size(path: Path, recorded: int) -> int:
     """The size of `path`, refusing one shorter than the checkpoint recorded (its
     end was lost, e.g. in a power cut: padding it would drop rows silently)."""
@@ -240,7 +233,7 @@ class OrderedSink:
     def sync(self) -> None:
         """Make the written shards' names durable (their bytes already are)."""
         for subdir, _ in self.schema.outputs:
-            _fsync_dir(self.folder / subdir)
+            fsync_dir(self.folder / subdir, strict=True)
 
     def restore(self, state: OrderedState) -> None:
         """Take back the written buffers (refusing a shard shorter than recorded);
@@ -381,7 +374,7 @@ class BucketShuffleSink:
             finally:
                 os.close(fd)
         self._unsynced = set()
-        _fsync_dir(self._bucket_dir)
+        fsync_dir(self._bucket_dir, strict=True)
 
     def restore(self, state: BucketState) -> None:
         """Cut every part back to its size at the checkpoint (refusing, untouched,

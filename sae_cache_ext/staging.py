@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from sae_cache_ext.lease import Lease
-from sae_cache_ext.writer import write_json_atomic
+from sae_cache_ext.writer import fsync_dir, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -121,15 +121,6 @@ def _is_unstarted_staging(path: Path) -> bool:
         and not path.is_symlink()
         and all(child.name == MARKER + ".tmp" for child in path.iterdir())
     )
-
-
-def fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def recover(

@@ -363,6 +363,20 @@ def write_json_atomic(path: Path, value: Any) -> None:
     os.replace(tmp, path)
 
 
+def fsync_dir(path: Path, strict: bool = False) -> None:
+    """Put a folder's new and renamed entries on stable storage. Where a filesystem
+    cannot (an OSError), that is ignored unless `strict`."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        if strict:
+            raise
+
+
 @dataclass
 class WriterStats:
     """What the background writer saw: blocked producer time and queue depth."""
