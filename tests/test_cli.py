@@ -227,7 +227,12 @@ def test_after_a_resume_the_rate_counts_this_runs_tokens(
 @pytest.mark.slow  # two fresh processes import torch
 def test_offline_hub_failures_are_one_line(tmp_path, llama_dir, text_file):
     offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = _cli("verify", str(tmp_path), "--model", "gpt2", **offline)
+    # a cache whose rows can be re-run, so that verify does need the model
+    cached = _config(tmp_path / "made", llama_dir, text_file)
+    assert main(["run", str(cached), "--quiet"]) == 0
+    proc = _cli(
+        "verify", str(tmp_path / "made" / "cache"), "--model", "gpt2", **offline
+    )
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert "--model gpt2 needs the Hugging Face Hub" in proc.stderr
