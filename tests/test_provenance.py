@@ -4,6 +4,8 @@ sae-lens still trains from the dataset."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ from datasets import load_from_disk
 
 from sae_cache_ext.provenance import source_sequences
 from sae_cache_ext.train import evaluate_sae, train_sae_from_cache
-from sae_cache_ext.verify import compare_activations, verify_cache
+from sae_cache_ext.verify import CHECK_RERUN, compare_activations, verify_cache
 from sae_cache_ext.verify.rerun import rerun_tokens
 from sae_cache_ext.writer import TOKEN_IDS, TOKEN_POSITIONS
 from tests.helpers import HOOK, run_ours
@@ -68,10 +70,45 @@ def test_every_token_reruns_from_its_rebuilt_context(make_cfg, tiny_model, corpu
     stats = compare_activations(rerun_ND[None], stored_ND[None], 1e-4, 1e-4)
     assert stats.n_outside == 0 and stats.n_values == stored_ND.numel()
     assert stats.max_abs_error <= 1e-5 * stats.activation_scale
-    # verify accepts the column, and says (before loading a model) how to re-run
-    report = verify_cache(cfg.new_cached_activations_path, model=lambda: 1 / 0)
-    assert report.ok, report.format()
-    assert any("token_positions" in s for s in report.skipped)
+
+
+def test_verify_reruns_tokens_from_their_positions(make_cfg, tiny_model, corpus):
+    # excluded, shuffled across rows, several hooks: verify rebuilds every sampled
+    # token's context by replaying the store over the dataset
+    cfg = make_cfg(store_token_positions=True, hook_names=[HOOK], **EXCLUDED_ACROSS)
+    run_ours(cfg, tiny_model, corpus)
+    cache = cfg.new_cached_activations_path
+    report = verify_cache(cache, model=tiny_model, rows=3, dataset=corpus)
+    assert report.ok and f"{HOOK}: {CHECK_RERUN}" in report.checks, report.format()
+    assert len(report.rerun_rows) == 3 and report.rerun_tokens == 3 * 16
+    assert report.max_abs_error is not None and report.activation_scale is not None
+    assert report.max_abs_error <= 1e-5 * report.activation_scale
+    sequences = report.rerun_sequences
+    assert sequences is not None and 0 < sequences <= 24 + 8  # not the whole run
+    assert "48 tokens, each from its token_positions" in report.format()
+    # a model with one weight changed fails the re-run
+    changed = copy.deepcopy(tiny_model)
+    with torch.no_grad():
+        changed.blocks[0].attn.W_V[0, 0, 0] += 1.0
+    failed = verify_cache(cache, model=changed, rows=3, dataset=corpus)
+    assert not failed.ok and failed.problems[0].startswith(f"{HOOK}: re-run:")
+    # dataset_path ('local/corpus') is not there: skipped, naming it
+    skipped = verify_cache(cache, model=tiny_model)
+    assert skipped.ok and skipped.max_abs_error is None, skipped.format()
+    (reason,) = [s for s in skipped.skipped if CHECK_RERUN in s]
+    assert "dataset_path='local/corpus'" in reason
+
+
+def test_verify_loads_a_local_dataset_path(make_cfg, tiny_model, corpus, tmp_path):
+    folder = tmp_path / "corpus"
+    corpus.save_to_disk(str(folder))
+    cfg = make_cfg(
+        store_token_positions=True, dataset_path=str(folder), **EXCLUDED_ACROSS
+    )
+    run_ours(cfg, tiny_model, corpus)
+    report = verify_cache(cfg.new_cached_activations_path, model=tiny_model, seed=1)
+    assert report.ok and CHECK_RERUN in report.checks, report.format()
+    assert report.rerun_tokens == 8 * 16
 
 
 @pytest.mark.slow

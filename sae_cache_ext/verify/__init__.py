@@ -13,12 +13,14 @@
 - schema: the hook column is `Array2D(context_size, d_in)` in the stored dtype and
   `token_ids` is `Sequence(int32, length=context_size)`;
 - re-run (with a model): a seeded sample of rows is run through the model again and
-  compared with the stored activations (`compare_activations`);
+  compared with the stored activations (`compare_activations`); with
+  `store_token_positions`, each sampled token from its rebuilt context (the run's
+  dataset replayed), so also after exclusion and every shuffle;
 - with several hooks: each hook's dataset as above, and the same `token_ids` in all.
 
 Rooms, lowest first: `folder` (reading a cache folder), `report` (the report and
 check names), `integrity` (files, checksums, rows, schema), `rerun` (the model
-re-run), `describe` (`describe_cache` and `format_description`, for `info`). This
+re-run), `positions` (the re-run from `token_positions`), `describe` (`describe_cache` and `format_description`, for `info`). This
 module wires the checks together.
 """
 
@@ -31,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 from transformer_lens.hook_points import HookedRootModule
 
 from sae_cache_ext.verify.describe import (
@@ -54,6 +56,7 @@ from sae_cache_ext.verify.integrity import (
     load_json_part,
     schema_problems,
 )
+from sae_cache_ext.verify.positions import check_position_rerun
 from sae_cache_ext.verify.report import (
     CHECK_CHECKSUMS,
     CHECK_FILES,
@@ -112,6 +115,7 @@ def verify_cache(
     seed: int = 0,
     atol: float | None = None,
     rtol: float | None = None,
+    dataset: Dataset | IterableDataset | None = None,
 ) -> VerifyReport:
     """Check the cache at `path` (see the module docstring for the checks).
 
@@ -121,6 +125,10 @@ def verify_cache(
     (defaults: `DEFAULT_TOLERANCES`). The re-run is skipped, with the reason in
     `skipped`, when rows are not whole original sequences or a check failed. A
     loader is not called when the manifest already says the rows cannot be re-run.
+    A cache made with `store_token_positions=True` re-runs every token of the
+    sampled rows from its rebuilt context: the run's store replayed over `dataset`
+    (default: the config's `dataset_path`, skipped with the reason if it cannot be
+    loaded).
     """
     if rows < 0:
         raise ValueError(f"rows={rows} is negative: pass the number of rows to re-run.")
@@ -141,16 +149,16 @@ def verify_cache(
             model = model()
     if manifest is not None and isinstance(manifest.get("hook_datasets"), dict):
         return _verify_hook_datasets(
-            folder, manifest, report, model, rows, seed, atol, rtol
+            folder, manifest, report, model, rows, seed, atol, rtol, dataset
         )
     config = manifest["config"] if manifest is not None else None
     features = load_json_part(folder, INFO_FILE, report, features_of)
     listed = load_json_part(folder, STATE_FILE, report, data_filenames)
     expected = expected_schema(config, features)
-    dataset = None
+    cached = None
     if listed is not None:
         counted = check_files(folder, listed, manifest, features, report)
-        dataset = check_load(folder, counted, report)
+        cached = check_load(folder, counted, report)
     if features is not None:
         report.checks.append(CHECK_SCHEMA)
         report.problems += schema_problems(features, expected)
@@ -159,7 +167,21 @@ def verify_cache(
             report.skipped.append(f"{CHECK_RERUN}: no model given")
     else:
         report.envelope = None if manifest is None else manifest.get("envelope")
-        check_rerun(dataset, model, config, expected, rows, seed, (atol, rtol), report)
+        tolerances = (atol, rtol)
+        if config is not None and config.get("store_token_positions"):
+            check_position_rerun(
+                cached,
+                model,
+                manifest,
+                expected,
+                rows,
+                seed,
+                tolerances,
+                report,
+                dataset,
+            )
+        else:
+            check_rerun(cached, model, config, expected, rows, seed, tolerances, report)
     report.ok = not report.problems
     logger.info("Verified %s: %s", folder, "OK" if report.ok else report.problems)
     return report
@@ -174,13 +196,16 @@ def _verify_hook_datasets(
     seed: int,
     atol: float | None,
     rtol: float | None,
+    dataset: Dataset | IterableDataset | None,
 ) -> VerifyReport:
     """A cache of several hooks: verify each hook's dataset, and that they hold the
     same rows and the same `token_ids`."""
     token_ids = None
     said_up_front = any(s.startswith(CHECK_RERUN) for s in report.skipped)
     for hook, entry in manifest["hook_datasets"].items():
-        sub = verify_cache(folder / entry["folder"], model, rows, seed, atol, rtol)
+        sub = verify_cache(
+            folder / entry["folder"], model, rows, seed, atol, rtol, dataset
+        )
         report.checks += [f"{hook}: {check}" for check in sub.checks]
         report.skipped += [
             f"{hook}: {reason}"
@@ -192,6 +217,8 @@ def _verify_hook_datasets(
             report.envelope = manifest.get("envelope")
         if sub.rerun_rows:
             report.rerun_rows = sub.rerun_rows
+            report.rerun_tokens = sub.rerun_tokens
+            report.rerun_sequences = sub.rerun_sequences
             report.atol, report.rtol = sub.atol, sub.rtol
             for name in ("max_abs_error", "max_rel_error", "activation_scale"):
                 values = [getattr(report, name), getattr(sub, name)]

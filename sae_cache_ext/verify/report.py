@@ -28,6 +28,10 @@ class VerifyReport:
     skipped: list[str] = field(default_factory=list)
     """Checks that did not run, each with the reason (not failures)."""
     rerun_rows: list[int] = field(default_factory=list)
+    rerun_tokens: int | None = None
+    """With `store_token_positions`: the tokens re-run from their rebuilt contexts,"""
+    rerun_sequences: int | None = None
+    """and the dataset's sequences replayed to rebuild them."""
     max_abs_error: float | None = None
     max_rel_error: float | None = None
     activation_scale: float | None = None
@@ -45,7 +49,8 @@ class VerifyReport:
         ]
         if self.max_abs_error is not None:
             lines.append(
-                f"  re-run of {len(self.rerun_rows)} rows {self.rerun_rows}: "
+                f"  re-run of {len(self.rerun_rows)} rows {self.rerun_rows}"
+                f"{self._from_positions()}: "
                 f"max abs error {self.max_abs_error:.3g}, max rel error "
                 f"{self.max_rel_error:.3g} (activation scale "
                 f"{self.activation_scale:.3g}; tolerance atol {self.atol:g} x scale, "
@@ -57,6 +62,14 @@ class VerifyReport:
         lines += [f"  skipped: {reason}" for reason in self.skipped]
         lines += [f"  problem: {problem}" for problem in self.problems]
         return "\n".join(lines)
+
+    def _from_positions(self) -> str:
+        if self.rerun_tokens is None:
+            return ""
+        return (
+            f" ({self.rerun_tokens} tokens, each from its token_positions in "
+            f"{self.rerun_sequences} replayed sequences)"
+        )
 
 
 def envelope_text(envelope: dict[str, Any] | None) -> str | None:

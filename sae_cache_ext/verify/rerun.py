@@ -87,7 +87,7 @@ def default_tolerances(stored_dtype: str, compute_dtype: str) -> tuple[float, fl
     return max(a[0], b[0]), max(a[1], b[1])
 
 
-def _model_device(model: HookedRootModule) -> torch.device:
+def model_device(model: HookedRootModule) -> torch.device:
     embed = getattr(model, "W_E", None)
     if isinstance(embed, torch.Tensor):
         return embed.device
@@ -112,7 +112,7 @@ def rerun_activations(
     """The model's activations at `hook_name` for `toks_BT`, exactly as sae-lens's
     `ActivationsStore.get_activations` computes them (no BOS added), as `acts_BTD`
     on the CPU."""
-    device = _model_device(model)
+    device = model_device(model)
     with torch.autocast(
         device_type=device.type, dtype=torch.bfloat16, enabled=autocast
     ):
@@ -133,13 +133,22 @@ def rerun_tokens(
     positions_N2: torch.Tensor,
     hook_name: str,
     model_kwargs: dict[str, Any] | None = None,
+    autocast: bool = False,
+    batch_size: int | None = None,
 ) -> torch.Tensor:
     """Each token's activation at `hook_name`, `(N, D)`, from its rebuilt context:
     the token's sequence (`positions_N2[:, 0]` indexes `sequences_ST`) run as the
     store ran it (no BOS added), read at the token's position. A causal model's
-    activation there depends only on the sequence up to the token."""
+    activation there depends only on the sequence up to the token. The sequences
+    needed run `batch_size` at a time (default: all at once)."""
     wanted, inverse_N = torch.unique(positions_N2[:, 0], return_inverse=True)
-    acts_STD = rerun_activations(model, sequences_ST[wanted], hook_name, model_kwargs)
+    toks_ST = sequences_ST[wanted]
+    acts_STD = torch.cat(
+        [
+            rerun_activations(model, toks_bT, hook_name, model_kwargs, autocast)
+            for toks_bT in toks_ST.split(max(1, batch_size or len(toks_ST)))
+        ]
+    )
     return acts_STD[inverse_N, positions_N2[:, 1]]
 
 
@@ -155,13 +164,9 @@ def manifest_skip_reason(
             f"no {MARKER}, so it is unknown whether rows are whole original sequences"
         )
     if config.get("store_token_positions"):
-        fix = (
-            " (each token's (sequence, position) is in token_positions: "
-            "sae_cache_ext.provenance.source_sequences and verify.rerun.rerun_tokens "
-            "re-run any token from the source dataset, which verify does not read)"
-        )
-    else:
-        fix = " (store_token_positions=True would make every token re-runnable)"
+        # every token re-runs from its token_positions (`verify.positions`)
+        return data_parallel_reason(manifest)
+    fix = " (store_token_positions=True would make every token re-runnable)"
     if config.get("shuffle_across_sequences"):
         return (
             "shuffle_across_sequences=True permuted tokens across rows, so rows are "
@@ -183,6 +188,17 @@ def manifest_skip_reason(
     return None
 
 
+def data_parallel_reason(manifest: dict[str, Any] | None) -> str | None:
+    """Why token_positions cannot be replayed: a cache made by several processes."""
+    world_size = ((manifest or {}).get("data_parallel") or {}).get("world_size", 1)
+    if world_size > 1:
+        return (
+            f"the cache was made by {world_size} data-parallel processes, whose "
+            "token_positions count sequences per process"
+        )
+    return None
+
+
 def _rerun_skip_reason(
     config: dict[str, Any] | None, report: VerifyReport
 ) -> str | None:
@@ -191,7 +207,7 @@ def _rerun_skip_reason(
     return manifest_skip_reason(None, config)
 
 
-def _sample_rows(n_rows: int, rows: int, seed: int) -> list[int]:
+def sample_rows(n_rows: int, rows: int, seed: int) -> list[int]:
     """`rows` distinct row indices (all when there are fewer), seeded, sorted."""
     perm_N = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed))
     return sorted(perm_N[:rows].tolist())
@@ -220,7 +236,7 @@ def check_rerun(
         return
     report.checks.append(CHECK_RERUN)
     hook, autocast = expected.hook_name, bool(config.get("autocast_lm"))
-    indices = _sample_rows(dataset.num_rows, rows, seed)
+    indices = sample_rows(dataset.num_rows, rows, seed)
     sample = dataset.with_format("numpy")[indices]
     toks_BT = torch.from_numpy(np.asarray(sample[TOKEN_IDS]).astype(np.int64))
     stored_BTD = torch.from_numpy(np.asarray(sample[hook]))
@@ -233,10 +249,28 @@ def check_rerun(
             for toks_bT in toks_BT.split(max(1, batch_size))
         ]
     )
+    report.rerun_rows = indices
+    report_comparison(
+        rerun_BTD, stored_BTD, model, config, expected, tolerances, report
+    )
+
+
+def report_comparison(
+    rerun_BTD: torch.Tensor,
+    stored_BTD: torch.Tensor,
+    model: HookedRootModule,
+    config: dict[str, Any],
+    expected: Expected,
+    tolerances: tuple[float | None, float | None],
+    report: VerifyReport,
+) -> None:
+    """Compare a re-run with the stored activations within the tolerances (given,
+    else the defaults for the dtypes) and put the result in `report`."""
+    hook, autocast = expected.hook_name, bool(config.get("autocast_lm"))
     default = default_tolerances(str(expected.dtype), _compute_dtype(model, autocast))
     atol = default[0] if tolerances[0] is None else tolerances[0]
     rtol = default[1] if tolerances[1] is None else tolerances[1]
-    report.rerun_rows, report.atol, report.rtol = indices, atol, rtol
+    report.atol, report.rtol = atol, rtol
     if rerun_BTD.shape != stored_BTD.shape:
         report.problems.append(
             f"re-run: the model gives activations of shape {tuple(rerun_BTD.shape)} "
