@@ -54,6 +54,11 @@ def _namespace() -> str:
     return f"{boot}/{pidns}"
 
 
+# A lease file is named (its holder written) right after its exclusive creation; one
+# still unnamed after this long was left by a run killed in between.
+UNNAMED_GRACE_SECONDS = 2.0
+
+
 @dataclass(frozen=True)
 class Holder:
     """Who holds a lease, as its file says, and how long ago it was renewed."""
@@ -73,6 +78,15 @@ class Holder:
         return (
             f"{who}, holding it since {self.since}, last renewed "
             f"{self.age_seconds:.0f} s ago"
+        )
+
+    def abandoned(self, stale_seconds: float) -> bool:
+        """Stale, or its process is known to be gone, or it was never named (its
+        creator died between creating and writing it)."""
+        return (
+            self.age_seconds > stale_seconds
+            or self.known_dead()
+            or (self.run_id is None and self.age_seconds > UNNAMED_GRACE_SECONDS)
         )
 
     def known_dead(self) -> bool:
@@ -165,13 +179,18 @@ class Lease:
             holder = read_holder(path)
             if holder is None:
                 continue  # released meanwhile
-            if holder.age_seconds > stale_seconds or holder.known_dead():
+            if holder.run_id is None and holder.age_seconds <= UNNAMED_GRACE_SECONDS:
+                time.sleep(0.05)  # its creator writes its name next, or died
+                continue
+            if holder.abandoned(stale_seconds):
                 logger.warning(
                     "Taking over the lease on %s from %s (%s).",
                     what or path,
                     holder.describe(),
                     "its process is gone"
                     if holder.known_dead()
+                    else "never named: its run died creating it"
+                    if holder.run_id is None
                     else f"stale after {stale_seconds:.0f} s",
                 )
                 _remove_if_unchanged(path, stale_seconds)
@@ -276,9 +295,7 @@ def _remove_if_unchanged(path: Path, stale_seconds: float) -> None:
     os.close(fd)
     try:
         holder = read_holder(path)
-        if holder is not None and (
-            holder.age_seconds > stale_seconds or holder.known_dead()
-        ):
+        if holder is not None and holder.abandoned(stale_seconds):
             try:
                 path.unlink()
             except OSError as error:  # pragma: no cover - a race lost to a rm

@@ -286,3 +286,20 @@ def test_a_just_created_unmarked_staging_folder_of_a_live_run_is_not_deleted(
         with pytest.raises(LeaseHeldError, match="in use by another sae-cache-ext run"):
             run_ours(cfg, tiny_model, corpus)
         assert layout.staging.is_dir()
+
+
+def test_a_lease_its_run_died_creating_is_taken_over_after_a_short_grace(tmp_path):
+    # A run killed between creating the lease file and writing its name leaves an
+    # empty lease: the next run waits out the grace (the creator would have named
+    # it within microseconds), then takes it over, instead of refusing for good.
+    path = tmp_path / "lease"
+    path.touch()
+    assert lease.read_holder(path).run_id is None  # type: ignore[union-attr]
+    started = time.monotonic()
+    held = Lease.acquire(path, stale_seconds=120)
+    waited = time.monotonic() - started
+    try:
+        assert lease.read_holder(path).run_id == held.run_id  # type: ignore[union-attr]
+        assert waited >= lease.UNNAMED_GRACE_SECONDS * 0.5
+    finally:
+        held.release()
