@@ -110,8 +110,11 @@ def _check_output_path(values: dict[str, Any]) -> None:
             "folder path that does not exist yet or is empty."
         )
     if final.is_dir() and any(final.iterdir()):
+        # sae-lens's sentence, word for word (as the runner's check), then ours
         raise PrecheckError(
-            f"new_cached_activations_path={path!r} is not empty. Delete it or choose "
-            "a different path (sae-cache-ext never overwrites existing files), or set "
-            "resume: true to continue an interrupted run of this config."
+            f"Activations directory ({final}) is not empty. Please delete it or "
+            "specify a different path. Exiting the script to prevent accidental "
+            f"deletion of files. (new_cached_activations_path={path!r}; "
+            "sae-cache-ext never overwrites existing files; set resume: true to "
+            "continue an interrupted run of this config.)"
         )

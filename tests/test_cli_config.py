@@ -197,7 +197,8 @@ def test_a_non_empty_output_path_is_refused_before_loading(tmp_path, text_file):
     )
     assert (
         proc.returncode == 2
-        and "new_cached_activations_path='out' is not empty" in (proc.stderr)
+        and "is not empty. Please delete it or specify a different path." in proc.stderr
+        and "new_cached_activations_path='out'" in proc.stderr
     )
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
 
