@@ -3,8 +3,8 @@
 Caches a wide random model (the tests' tiny tokenizer, 2 layers of d_model 1024 by
 default: the widest activations per unit of model work, so the worst case for
 per-value statistics) or SmolLM2-135M (`--model smollm2`), and reads the cost from
-the manifest: `timings.statistics_seconds` (the statistics on the writer thread plus
-the check on the model's thread) and `timings.envelope_seconds`, against
+the manifest: `timings.statistics_seconds` (the statistics on the writer thread)
+and `timings.envelope_seconds`, against
 `timings.caching_seconds`.
 
     python benchmarks/statistics_cost.py [--d-model 1024] [--tokens 65536] [--threads 1]

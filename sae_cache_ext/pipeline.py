@@ -6,10 +6,11 @@ alive at once), then finishes the sink (the shuffle's gather, checkpointed after
 each shard) and describes the result (metadata files and manifest). A run that
 stopped continues from its checkpoint, in either phase, with the same bytes.
 
-Each buffer is checked for NaN and inf here, before it is written
-(`statistics.check_finite`), and its statistics are added on the writer thread, as
-stored; the first buffer also gives the numeric envelope (`envelope.measure`). Both
-travel in the checkpoint.
+Each buffer's statistics are added on the writer thread, as stored, before it is
+written; one holding NaN or inf is refused there (or warned about) by
+`statistics.check_finite`, so the model's thread never waits for either. The first
+buffer also gives the numeric envelope (`envelope.measure`), here. Both travel in
+the checkpoint.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,6 @@ class Watch:
     statistics: CacheStatistics
     envelope: dict[str, Any] | None = None  # once measured, or skipped
     warned: bool = False  # about non-finite values
-    check_seconds: float = 0.0  # spent in the non-finite check
 
 
 class Pipeline:
@@ -184,10 +184,7 @@ class Pipeline:
             caching_seconds=time.perf_counter() - started,
             resumed=checkpoint is not None,
             rows=self.producer.rows_cached,
-            statistics=replace(
-                watch.statistics,
-                seconds=watch.statistics.seconds + watch.check_seconds,
-            ).to_json(),
+            statistics=watch.statistics.to_json(),
             envelope=watch.envelope,
         )
         return sink, facts
@@ -217,12 +214,15 @@ class Pipeline:
                     writer.release()
                     break
                 buffer, state = item
-                self._inspect(buffer, watch)
+                if watch.envelope is None:
+                    watch.envelope = self._measure_envelope(buffer)
 
                 def job(b=buffer, s=state) -> None:
                     started = time.perf_counter()
-                    watch.statistics.add(b.acts_RTD, self.schema.dtype)
+                    broken = watch.statistics.add(b.acts_RTD, self.schema.dtype)
                     watch.statistics.seconds += time.perf_counter() - started
+                    if broken:
+                        self._refuse_or_warn(b, watch)
                     sink.write_buffer(b.number, b.acts_RTD, b.toks_RT, b.order_N)
                     sink.sync()  # what the checkpoint counts is on disk first
                     checkpoints.save(
@@ -240,10 +240,9 @@ class Pipeline:
                 del buffer, state, item, job
         return writer.stats
 
-    def _inspect(self, buffer: Buffer, watch: Watch) -> None:
-        """Before `buffer` is written: stop at (or warn once about) NaN and inf,
-        and measure the envelope on the first buffer."""
-        started = time.perf_counter()
+    def _refuse_or_warn(self, buffer: Buffer, watch: Watch) -> None:
+        """`buffer` holds NaN or inf: stop (`on_non_finite="error"`), or warn once
+        and keep them."""
         messages = check_finite(
             buffer.acts_RTD,
             self.schema.hooks,
@@ -251,13 +250,10 @@ class Pipeline:
             self.cfg.on_non_finite,
             buffer.number,
         )
-        watch.check_seconds += time.perf_counter() - started
         if messages and not watch.warned:
             watch.warned = True
             for message in messages:
                 logger.warning("%s Kept (on_non_finite='warn').", message)
-        if watch.envelope is None:
-            watch.envelope = self._measure_envelope(buffer)
 
     def _measure_envelope(self, buffer: Buffer) -> dict[str, Any] | None:
         cfg = self.cfg

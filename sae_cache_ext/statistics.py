@@ -2,24 +2,33 @@
 the guard against non-finite values.
 
 `CacheStatistics` holds one `HookStatistics` per hook. Each buffer is added as the
-values the dataset stores (after the cast to the storage dtype), a chunk of tokens
-at a time, in float64: the count, the mean and the sum of squared deviations of
-every dimension (merged exactly with Chan et al.'s parallel formula), the sum of the
-tokens' L2 norms, the largest magnitude and the number of non-finite values. Norm
+values the dataset stores (after the cast to the storage dtype), in float64: the
+count, the mean and the sum of squared deviations of every dimension (merged
+exactly across buffers with Chan et al.'s parallel formula), the sum of the tokens'
+L2 norms, the largest magnitude and the number of non-finite values. Norm
 quantiles come from a histogram of log2 norms with 64 bins per octave (2^-64 to
 2^64): counts add up exactly, so buffers, resumed runs and ranks merge in any order,
 and a quantile read from it is within one bin (1.1% of the norm) of the exact one.
-Tokens holding a NaN or inf are counted and left out of the moments and norms.
 
-`check_finite` is the guard run on each buffer before it is written: the largest
-magnitude of each hook, cast to the storage dtype, says whether any value is (or
-becomes) NaN or inf. Shapes: N tokens, D values per token (every hook's side by
-side), C tokens of a chunk.
+A buffer takes one pass (`HookStatistics.of_buffer`): chunks of `CHUNK_TOKENS`
+tokens, small enough that their float64 copy stays in the processor's cache, add
+to float64 sums of values and squares per dimension and per token. The buffer's
+squared deviations are then sum(x^2) - n mean^2, whose rounding error relative to
+the variance is about 1e-15 x (1 + mean^2 / var): 1e-9 for a dimension whose mean
+is 1,000 standard deviations from zero (measured), far less for real activations. A buffer whose sums are not finite holds
+NaN or inf: it is added again the careful way (`of_chunk`), which counts them and
+leaves the tokens holding them out of the moments and norms.
+
+`check_finite` says what is wrong with such a buffer (and raises by default): the
+largest magnitude of each hook, cast to the storage dtype, says whether any value
+is (or becomes) NaN or inf. Shapes: N tokens, D values per token (every hook's side
+by side), C tokens of a chunk.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -32,7 +41,8 @@ BINS_PER_OCTAVE = 64
 OCTAVES = 64  # log2 norms from -64 to 64; smaller and larger ones go to the ends
 N_NORM_BINS = 2 * OCTAVES * BINS_PER_OCTAVE
 QUANTILES = (0.01, 0.5, 0.99)
-CHUNK_TOKENS = 2048  # float64 copies of this many tokens at a time
+CHUNK_TOKENS = 128  # float64 copies of this many tokens at a time (in cache)
+CAREFUL_CHUNK_TOKENS = 2048  # the same for a buffer holding NaN or inf
 FLOAT16_MAX = float(torch.finfo(torch.float16).max)  # 65504
 
 OnNonFinite = Literal["error", "warn"]
@@ -124,6 +134,59 @@ class HookStatistics:
         stats.norm_hist = norm_histogram(norms_C)
         return stats
 
+    @classmethod
+    def of_buffer(cls, x_ND: torch.Tensor, target: torch.dtype) -> HookStatistics:
+        """The statistics of one buffer of one hook's values, as stored in the
+        `target` dtype, in one cache-sized pass (see the module's docstring)."""
+        n, d = x_ND.shape
+        if n == 0:
+            return cls.empty(d)
+        chunk = min(CHUNK_TOKENS, n)
+        scratch_CD = torch.empty((chunk, d), dtype=torch.float64)
+        square_CD = torch.empty((chunk, d), dtype=torch.float64)
+        ones_C = torch.ones(chunk, dtype=torch.float64)
+        sum_D = torch.zeros(d, dtype=torch.float64)
+        squares_D = torch.zeros(d, dtype=torch.float64)
+        squares_N = torch.empty(n, dtype=torch.float64)
+        peak = 0.0  # the largest square
+        for start in range(0, n, chunk):
+            stored_CD = x_ND[start : start + chunk].to(target)
+            rows = stored_CD.shape[0]
+            x_CD = scratch_CD[:rows].copy_(stored_CD)
+            sum_D.addmv_(x_CD.T, ones_C[:rows])  # column sums: a BLAS gemv
+            sq_CD = torch.mul(x_CD, x_CD, out=square_CD[:rows])
+            squares_D.addmv_(sq_CD.T, ones_C[:rows])
+            torch.sum(sq_CD, 1, out=squares_N[start : start + rows])
+            peak = max(peak, float(sq_CD.max()))
+        if not (math.isfinite(peak) and bool(torch.isfinite(sum_D).all())):
+            return cls.of_values(x_ND, target)  # NaN or inf: count and leave out
+        mean_D = sum_D / n
+        m2_D = torch.clamp_min(squares_D - mean_D.square() * n, 0.0)
+        norms_N = squares_N.sqrt_()
+        return cls(
+            count=n,
+            mean_D=mean_D.numpy(),
+            m2_D=m2_D.numpy(),
+            finite_tokens=n,
+            norm_sum=float(norms_N.sum()),
+            norm_hist=norm_histogram(norms_N),
+            # exact: float64 holds the square of a float32 (or narrower) exactly
+            max_abs=math.sqrt(peak),
+        )
+
+    @classmethod
+    def of_values(cls, x_ND: torch.Tensor, target: torch.dtype) -> HookStatistics:
+        """The careful way, for values holding NaN or inf: chunk by chunk
+        (`of_chunk`), merged."""
+        stats = cls.empty(x_ND.shape[1])
+        scratch_CD = torch.empty(
+            (min(CAREFUL_CHUNK_TOKENS, x_ND.shape[0]), x_ND.shape[1]),
+            dtype=torch.float64,
+        )
+        for chunk_CD in x_ND.split(CAREFUL_CHUNK_TOKENS):
+            stats = stats.merge(cls.of_chunk(chunk_CD.to(target), scratch_CD))
+        return stats
+
     # -- reading ------------------------------------------------------------------
 
     @property
@@ -210,23 +273,21 @@ class CacheStatistics:
     def empty(cls, hooks: tuple[tuple[str, int], ...]) -> CacheStatistics:
         return cls({name: HookStatistics.empty(width) for name, width in hooks})
 
-    def add(self, acts_ND: torch.Tensor, dtype: str) -> None:
+    def add(self, acts_ND: torch.Tensor, dtype: str) -> list[str]:
         """Add a buffer's activations (every hook side by side, `(..., D)`), as
-        stored: cast to `dtype` first."""
+        stored: cast to `dtype` first. Returns the hooks whose values in this
+        buffer hold NaN or inf."""
         acts_ND = acts_ND.reshape(-1, acts_ND.shape[-1])
         target = storage_dtype(dtype)
-        start = 0
+        start, broken = 0, []
         for name, stats in self.hooks.items():
             width = stats.mean_D.shape[0]
-            hook_ND = acts_ND[:, start : start + width]
-            scratch_CD = torch.empty(
-                (min(CHUNK_TOKENS, hook_ND.shape[0]), width), dtype=torch.float64
-            )
-            for chunk_CD in hook_ND.split(CHUNK_TOKENS):
-                chunk = HookStatistics.of_chunk(chunk_CD.to(target), scratch_CD)
-                stats = stats.merge(chunk)
-            self.hooks[name] = stats
+            part = HookStatistics.of_buffer(acts_ND[:, start : start + width], target)
+            if part.non_finite:
+                broken.append(name)
+            self.hooks[name] = stats.merge(part)
             start += width
+        return broken
 
     def merge(self, other: CacheStatistics) -> CacheStatistics:
         return CacheStatistics(

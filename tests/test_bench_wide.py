@@ -49,7 +49,7 @@ def _run(model: str, arm: str, wall: float, rss_mb: float = 100.0, **extra) -> d
     }
 
 
-def test_wide_plan_is_four_buffers_of_sixteen_batches_and_the_six_arms():
+def test_wide_plan_is_four_buffers_of_sixteen_batches_and_the_seven_arms():
     plan = bench.plan_from_args(_parse("--model", "wide"))
     (setup,) = plan.setups
     # 1.074 GB / (32 x 128 tokens x 1024 x 4 bytes = 16.8 MB a batch) = 64 batches
@@ -213,3 +213,26 @@ def test_gpu_check_says_there_is_no_gpu_and_runs_on_cpu(tmp_path: Path):
     assert "ours shuffled vs its limit" in done.stdout
     assert "pipeline overhead over the forward pass alone, smollm2 ours" in done.stdout
     assert (tmp_path / "out" / "wide.json").is_file()
+
+
+def test_the_statistics_cost_is_ours_plain_against_ours_plain_without_them():
+    timings = {"statistics_seconds": 0.5, "caching_seconds": 10.0}
+    runs = [
+        *(
+            _run("wide", arms.OURS_PLAIN, w, ours_timings=timings)
+            for w in (10.0, 10.2, 10.4)
+        ),
+        *(_run("wide", arms.OURS_PLAIN_BARE, w) for w in (9.8, 10.0, 10.1)),
+    ]
+    report = bench.build_report(runs, [arms.OURS_PLAIN, arms.OURS_PLAIN_BARE])
+    (cost,) = [t for t in report["targets"] if "statistics" in t["label"]]
+    # medians 10.2 / 10.0
+    assert cost["measured"] == pytest.approx(1.02)
+    assert cost["verdict"] == "MET"
+    slower = [*runs[:3], *(_run("wide", arms.OURS_PLAIN_BARE, 9.0) for _ in range(3))]
+    report = bench.build_report(slower, [arms.OURS_PLAIN, arms.OURS_PLAIN_BARE])
+    (cost,) = [t for t in report["targets"] if "statistics" in t["label"]]
+    assert cost["verdict"] == "NOT MET"
+    text = bench.format_report(report)
+    assert "statistics: 0.50 s per run on the writer thread" in text
+    assert "(5.0% of caching time, median of 3 runs)" in text

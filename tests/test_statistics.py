@@ -92,6 +92,39 @@ def test_merged_chunks_give_the_moments_of_the_whole():
     assert merged.count == merged.finite_tokens == 1000
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_one_pass_over_a_buffer_gives_what_the_careful_chunks_give(dtype):
+    # more tokens than a chunk, an uneven last chunk, offsets of 1000 standard
+    # deviations: the one-pass sums must keep the variance
+    generator = torch.Generator().manual_seed(3)
+    x_ND = torch.randn(1000, 7, generator=generator) + torch.linspace(-1e3, 1e3, 7)
+    fast = HookStatistics.of_buffer(x_ND, dtype)
+    careful = HookStatistics.of_values(x_ND, dtype)
+    stored = x_ND.to(dtype).double().numpy()
+    np.testing.assert_allclose(fast.mean_D, stored.mean(0), rtol=1e-12)
+    # the module's bound: about 1e-15 x mean^2 / var = 1e-9 here
+    np.testing.assert_allclose(fast.var_D, stored.var(0), rtol=1e-8)
+    np.testing.assert_allclose(fast.var_D, careful.var_D, rtol=1e-8)
+    assert fast.max_abs == careful.max_abs == np.abs(stored).max()
+    assert fast.norm_sum == pytest.approx(careful.norm_sum, rel=1e-13)
+    np.testing.assert_array_equal(fast.norm_hist, careful.norm_hist)
+    assert fast.count == fast.finite_tokens == 1000 and fast.non_finite == 0
+
+
+def test_a_buffer_holding_nan_is_counted_the_careful_way_and_named():
+    x_ND = torch.ones(300, 4)
+    x_ND[200, 1] = float("nan")
+    stats = CacheStatistics.empty((("a", 2), ("b", 2)))
+    assert stats.add(x_ND, "float32") == ["a"]
+    a, b = stats.hooks["a"], stats.hooks["b"]
+    assert (a.non_finite, a.finite_tokens, b.non_finite, b.finite_tokens) == (
+        1,
+        299,
+        0,
+        300,
+    )
+
+
 def test_norm_quantiles_are_within_one_histogram_bin():
     generator = torch.Generator().manual_seed(1)
     scale_N = torch.exp(torch.randn(5000, generator=generator) * 2)

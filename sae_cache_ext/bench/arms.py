@@ -27,12 +27,14 @@ HOOKS_EACH = "ours-each-hook"
 HOOK_ARMS = (HOOKS_ONE_PASS, HOOKS_EACH)
 UPSTREAM_PLAIN = "upstream-plain"
 OURS_PLAIN = "ours-plain"
+OURS_PLAIN_BARE = "ours-plain-no-stats"
 DD = "dd"
-WIDE_ARMS = (FORWARD, UPSTREAM_PLAIN, UPSTREAM, OURS_PLAIN, OURS, DD)
+WIDE_ARMS = (FORWARD, UPSTREAM_PLAIN, UPSTREAM, OURS_PLAIN, OURS, OURS_PLAIN_BARE, DD)
 """The accelerator regime's arms: the floor (forward-only), both runners with and
-without their shuffle, and a flushed `dd` of the same bytes."""
+without their shuffle, ours plain without its statistics (what they cost), and a
+flushed `dd` of the same bytes."""
 NO_MODEL_ARMS = (DD,)
-ALL_ARMS = (*ARMS, *HOOK_ARMS, UPSTREAM_PLAIN, OURS_PLAIN, DD)
+ALL_ARMS = (*ARMS, *HOOK_ARMS, UPSTREAM_PLAIN, OURS_PLAIN, OURS_PLAIN_BARE, DD)
 
 Arm = Callable[[ModelSetup, Any, Any, Path, float], dict[str, Any]]
 """(setup, model, corpus, run folder, disk-sampling interval) -> the run's record."""
@@ -128,9 +130,12 @@ def _arm_ours(
     run_dir: Path,
     interval: float,
     shuffle: bool = True,
+    statistics: bool = True,
 ) -> dict[str, Any]:
     from sae_cache_ext import manifest
 
+    if not statistics:
+        _skip_statistics()
     plain = {} if shuffle else {"shuffle": False, "shuffle_across_sequences": False}
     runner = _ours_runner(setup, model, corpus, run_dir / "out", **plain)
     with measure(run_dir, interval) as record:
@@ -140,6 +145,18 @@ def _arm_ours(
     record["ours_timings"] = done.get("timings")
     record["ours_writer"] = done.get("writer")
     return record
+
+
+def _skip_statistics() -> None:
+    """In this run's process only (each run is its own), add no statistics: the
+    wall time against the same arm with them is what they cost. (The non-finite
+    check goes too: it only runs on a buffer whose statistics found NaN or inf.)"""
+    from sae_cache_ext.statistics import CacheStatistics
+
+    def add(self: CacheStatistics, acts_ND: Any, dtype: str) -> list[str]:
+        return []
+
+    CacheStatistics.add = add  # type: ignore[method-assign]
 
 
 def _arm_hooks(
@@ -222,6 +239,7 @@ RUNS: dict[str, Arm] = {
     HOOKS_EACH: functools.partial(_arm_hooks, one_pass=False),
     UPSTREAM_PLAIN: functools.partial(_arm_upstream, persist=False, shuffle=False),
     OURS_PLAIN: functools.partial(_arm_ours, shuffle=False),
+    OURS_PLAIN_BARE: functools.partial(_arm_ours, shuffle=False, statistics=False),
     DD: _arm_dd,
 }
 
