@@ -8,7 +8,8 @@ of buckets does not depend on the open-file limit.
 
 The gather reads a bucket's record batches straight into one numpy array per column
 (`Bucket`), then takes rows in a permuted order one record batch at a time: memory
-holds one bucket plus one record batch, every take is chunk-free numpy indexing, and
+holds one bucket plus a few record batches (`slots`, about 32 MB each: those still
+being written), every take is chunk-free numpy indexing, and
 nothing passes a 32-bit offset. Array axes: R rows, T tokens a row, D a hook's width.
 """
 
@@ -127,15 +128,18 @@ def _count_rows(paths: list[Path]) -> int:
 class BucketReader:
     """Reads buckets into arrays and takes their rows in a permuted order.
 
-    The arrays (a bucket, and one record batch of output) are kept from one bucket
+    The arrays (a bucket, and `slots` record batches of output) are kept from one bucket
     to the next: fresh memory costs a page fault per page on first touch, which is
     slower than the disk on many machines.
     """
 
-    def __init__(self, schema: CacheSchema) -> None:
+    def __init__(self, schema: CacheSchema, slots: int = 1) -> None:
         self.schema = schema
         self._bucket = Bucket.empty(0, schema)
-        self._batch = Bucket.empty(0, schema)
+        # record batches taken, used in turn: a table stays valid until `slots`
+        # more are made (so `slots - 1` may still be being written)
+        self._slots = [Bucket.empty(0, schema) for _ in range(slots)]
+        self._turn = 0
 
     def read(self, paths: list[Path]) -> Bucket:
         """The part files `paths` of one bucket, in order, copied into one array
@@ -167,14 +171,11 @@ class BucketReader:
 
     def permuted_tables(self, bucket: Bucket, perm_R: np.ndarray) -> Iterator[pa.Table]:
         """The bucket's rows in the order `perm_R`, as tables of one record batch
-        each; a table is valid until the next one is made."""
+        each; a table is valid until `slots` more are made (by any call)."""
         step = self.schema.rows_per_record_batch
-        if min(step, len(perm_R)) > self._batch.rows:
-            self._batch = Bucket.empty(0, self.schema)  # free before allocating
-            self._batch = Bucket.empty(min(step, len(perm_R)), self.schema)
         for start in range(0, len(perm_R), step):
             index = perm_R[start : start + step]
-            out = self._batch.head(len(index))
+            out = self._slot(min(step, len(perm_R))).head(len(index))
             for values, taken in zip(bucket.hooks_RTD, out.hooks_RTD, strict=True):
                 np.take(values, index, axis=0, out=taken, mode="clip")
             np.take(bucket.toks_RT, index, axis=0, out=out.toks_RT, mode="clip")
@@ -189,3 +190,12 @@ class BucketReader:
             yield arrays_to_table(
                 self.schema, out.hooks_RTD, out.toks_RT, out.positions_RT2
             )
+
+    def _slot(self, rows: int) -> Bucket:
+        """The next record batch's arrays, of at least `rows` rows."""
+        turn = self._turn
+        self._turn = (turn + 1) % len(self._slots)
+        if rows > self._slots[turn].rows:
+            self._slots[turn] = Bucket.empty(0, self.schema)  # free before allocating
+            self._slots[turn] = Bucket.empty(rows, self.schema)
+        return self._slots[turn]

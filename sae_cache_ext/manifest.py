@@ -18,8 +18,9 @@ import torch
 from datasets import Features
 
 from sae_cache_ext.envelope import for_hook
+from sae_cache_ext.shard_files import ShardInfo
 from sae_cache_ext.staging import MARKER, STATE_COMPLETE
-from sae_cache_ext.writer import CacheSchema, ShardInfo, write_json_atomic
+from sae_cache_ext.writer import CacheSchema, write_json_atomic
 
 MANIFEST_FORMAT = 1
 _PACKAGES = ("sae-cache-ext", "sae-lens", "transformer-lens", "torch", "datasets")

@@ -23,19 +23,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from sae_cache_ext.bucket_files import BucketReader, append_batches, choose_n_buckets
+from sae_cache_ext.bucket_files import append_batches, choose_n_buckets
+from sae_cache_ext.gather import PlannedShard, gather_shards
 from sae_cache_ext.packing import Stream, assign_buckets, seeded_generator
+from sae_cache_ext.shard_files import ShardInfo, write_split_tables
 from sae_cache_ext.writer import (
     CacheSchema,
-    ShardInfo,
     fsync_dir,
     gathered_tables,
     release_freed_memory,
-    write_split_tables,
-    write_tables,
 )
 
 logger = logging.getLogger(__name__)
@@ -168,17 +167,16 @@ def shards_in_order(schema: CacheSchema, done: Gathered) -> Shards:
     return shards
 
 
+def _targets(folder: Path, schema: CacheSchema, name: str) -> list[tuple[Path, Any]]:
+    """Shard `name` of every dataset of `schema` in `folder`, with its features."""
+    return [(folder / subdir / name, features) for subdir, features in schema.outputs]
+
+
 def _write_shards(
     folder: Path, schema: CacheSchema, name: str, tables: Any
 ) -> list[ShardInfo]:
     """Write `tables` as shard `name` of every dataset of `schema` in `folder`."""
-    outputs = schema.outputs
-    if len(outputs) == 1:
-        subdir, features = outputs[0]
-        return [write_tables(folder / subdir / name, tables, features)]
-    return write_split_tables(
-        [(folder / subdir / name, features) for subdir, features in outputs], tables
-    )
+    return write_split_tables(_targets(folder, schema, name), tables)
 
 
 def _check_size(path: Path, recorded: int) -> int:
@@ -452,29 +450,36 @@ class BucketShuffleSink:
         for position in positions:  # left by a crash between checkpoint and delete
             if position in gather.done:
                 self._delete_bucket(gather.buckets[position])
-        todo = [p for p in positions if p not in gather.done]
-        reader = BucketReader(self.schema)
-        for position in tqdm(
-            todo, desc="Shuffling shards", unit="shard", disable=quiet
-        ):
+        total = len(gather.buckets)
+
+        def plan(position: int) -> PlannedShard:
             k = gather.buckets[position]
-            bucket = reader.read([self._bucket_dir / n for n, _ in self._parts[k]])
-            generator = seeded_generator(self.seed, k, Stream.BUCKET_PERMUTATION)
-            perm = torch.randperm(bucket.rows, generator=generator).numpy()
-            name = shard_name(position, len(gather.buckets))
-            tables = reader.permuted_tables(bucket, perm)
-            gather.done[position] = _write_shards(
-                self.folder, self.schema, name, tables
+            name = shard_name(position, total)
+            return PlannedShard(
+                position=position,
+                bucket=k,
+                paths=[self._bucket_dir / n for n, _ in self._parts[k]],
+                targets=_targets(self.folder, self.schema, name),
             )
-            del bucket, tables
+
+        def order(shard: PlannedShard, rows: int) -> np.ndarray:
+            generator = seeded_generator(
+                self.seed, shard.bucket, Stream.BUCKET_PERMUTATION
+            )
+            return torch.randperm(rows, generator=generator).numpy()
+
+        def done(shard: PlannedShard, infos: list[ShardInfo]) -> None:
+            gather.done[shard.position] = infos
             # forget the bucket before recording progress: a resumed run must never
             # read a bucket that was being deleted
-            parts = self._parts.pop(k)
+            parts = self._parts.pop(shard.bucket)
             if checkpoint is not None:
                 checkpoint(self.state())
             for part, _ in parts:
                 (self._bucket_dir / part).unlink()
-        del reader
+
+        todo = [plan(p) for p in positions if p not in gather.done]
+        gather_shards(self.schema, todo, order, done, quiet)
         release_freed_memory()
         return {p: gather.done[p] for p in positions}
 

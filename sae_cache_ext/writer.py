@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import io
 import json
 import logging
 import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -39,13 +37,18 @@ ROWS_PER_RECORD_BATCH = 1024
 # (and any array built at once) holds fewer than 2^31 values per column. Tests lower
 # it to stand in for sizes this machine cannot hold.
 MAX_VALUES_PER_RECORD_BATCH = 2**31 - 1
+# And about this many values (32 MB of float32) at most, so that what is held per
+# record batch (a take in the gather, a chunk of a scattered buffer) stays small
+# whatever the row: wide rows get fewer rows per batch.
+RECORD_BATCH_VALUES = 1 << 23
 TOKEN_IDS = "token_ids"
 TOKEN_POSITIONS = "token_positions"
 
 
 def rows_per_record_batch(values_per_row: int) -> int:
     """Rows per record batch: `ROWS_PER_RECORD_BATCH`, or fewer when that many rows
-    of `values_per_row` values each would pass a 32-bit offset."""
+    of `values_per_row` values each would pass a 32-bit offset or hold more than
+    `RECORD_BATCH_VALUES` values."""
     limit = MAX_VALUES_PER_RECORD_BATCH
     if values_per_row > limit:
         raise ValueError(
@@ -53,7 +56,8 @@ def rows_per_record_batch(values_per_row: int) -> int:
             f"an Arrow list with 32-bit offsets can ({limit}): lower context_size, or "
             "cache fewer hooks per dataset."
         )
-    return max(1, min(ROWS_PER_RECORD_BATCH, limit // values_per_row))
+    cap = min(limit, RECORD_BATCH_VALUES)
+    return max(1, min(ROWS_PER_RECORD_BATCH, cap // values_per_row))
 
 
 def features_rows_per_record_batch(features: Features) -> int:
@@ -208,82 +212,6 @@ def rows_to_table(
     return arrays_to_table(
         schema, columns, _torch_to_numpy(toks_RT, "int32"), positions_RT2
     )
-
-
-@dataclass
-class ShardInfo:
-    """One Arrow file on disk: its name, row count and checksum."""
-
-    filename: str
-    rows: int
-    sha256: str
-    nbytes: int
-
-
-def write_tables(
-    path: Path, tables: Iterable[pa.Table], features: Features
-) -> ShardInfo:
-    """Write tables, one after another, as one Arrow stream at `path` (fsynced),
-    holding only one of them in memory at a time, and checksum the file."""
-    return write_split_tables([(path, features)], tables)[0]
-
-
-def write_split_tables(
-    targets: list[tuple[Path, Features]], tables: Iterable[pa.Table]
-) -> list[ShardInfo]:
-    """Like `write_tables`, but each table's columns go to several files at once:
-    target `(path, features)` receives the columns `features` names."""
-    with ExitStack() as stack:
-        files = []
-        for path, features in targets:
-            raw = stack.enter_context(open(path, "wb"))
-            digest = hashlib.sha256()
-            sink = pa.PythonFile(_HashingWriter(raw, digest), mode="w")
-            stream = pa.ipc.new_stream(sink, features.arrow_schema)
-            files.append((raw, digest, stream, features.arrow_schema))
-        rows = 0
-        per_batch = min(features_rows_per_record_batch(f) for _, f in targets)
-        for table in tables:
-            for _, _, stream, schema in files:
-                part = table.select(schema.names) if len(targets) > 1 else table
-                part = part.cast(schema) if part.schema != schema else part
-                for batch in part.to_batches(max_chunksize=per_batch):
-                    stream.write_batch(batch)
-            rows += table.num_rows
-        for raw, _, stream, _ in files:
-            stream.close()
-            raw.flush()
-            os.fsync(raw.fileno())
-    return [
-        ShardInfo(
-            filename=path.name,
-            rows=rows,
-            sha256=digest.hexdigest(),
-            nbytes=path.stat().st_size,
-        )
-        for (path, _), (_, digest, _, _) in zip(targets, files, strict=True)
-    ]
-
-
-class _HashingWriter(io.RawIOBase):
-    """A file that hashes what passes through it, so a shard is never read back
-    just to be checksummed."""
-
-    def __init__(self, raw: BinaryIO, digest: Any) -> None:
-        self._raw = raw
-        self._digest = digest
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        self._digest.update(data)
-        return self._raw.write(data)
-
-
-def write_table(path: Path, table: pa.Table, features: Features) -> ShardInfo:
-    """Write `table` as an Arrow stream at `path` (fsynced) and checksum it."""
-    return write_tables(path, [table], features)
 
 
 def gathered_tables(

@@ -15,6 +15,7 @@ import sys
 
 from sae_cache_ext import shuffle
 from sae_cache_ext.cli import main
+from sae_cache_ext.shard_files import ShardFiles
 
 
 def _kill_on_call(owner: object, name: str, n: int, fail: bool) -> None:
@@ -39,7 +40,7 @@ if __name__ == "__main__":
     parser.add_argument("--kill-rank", type=int)
     parser.add_argument("--kill-at", type=int, default=2)
     parser.add_argument(
-        "--kill-in", choices=["write_buffer", "write_tables"], default="write_buffer"
+        "--kill-in", choices=["write_buffer", "shard"], default="write_buffer"
     )
     parser.add_argument("--fail", action="store_true")
     args = parser.parse_args()
@@ -48,5 +49,5 @@ if __name__ == "__main__":
             for sink in (shuffle.BucketShuffleSink, shuffle.OrderedSink):
                 _kill_on_call(sink, "write_buffer", args.kill_at, args.fail)
         else:  # a shard of this rank's share of the shuffle's gather
-            _kill_on_call(shuffle, "write_tables", args.kill_at, args.fail)
+            _kill_on_call(ShardFiles, "__init__", args.kill_at, args.fail)
     sys.exit(main(["run", args.config, "--quiet"]))

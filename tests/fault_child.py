@@ -58,8 +58,8 @@ KILL_TARGETS = (
     "ActivationsStore.get_raw_llm_batch",  # the model loop: one batch of forwards
     "BucketShuffleSink.write_buffer",  # the shuffle's scatter (writer thread)
     "OrderedSink.write_buffer",  # one buffer -> one shard (writer thread)
-    "write_table",  # a shard (the gather), wherever sae_cache_ext binds it
-    "write_tables",  # the same, for a shard written from several tables
+    "ShardFiles.__init__",  # a shard is started (the gather, or a buffer's shard)
+    "ShardFiles.sync",  # a shard is written, about to be fsynced
     "write_json_atomic",  # marker, state.json, dataset_info.json, manifest, ...
     "os.rename",  # the swap's renames (and recovery's)
     "os.replace",  # write_json_atomic's replace, OrderedSink's shard renames
@@ -75,7 +75,7 @@ MARKERS = {
     "swap_into_place": "swap",
 }
 WRITE_BUFFER = ("BucketShuffleSink.write_buffer", "OrderedSink.write_buffer")
-SHARD_WRITERS = ("write_tables", "write_table")  # the first one traced counts
+SHARD_WRITERS = ("ShardFiles.sync",)  # a shard is on disk when this returns
 CACHING_TARGETS = ("ActivationsStore.get_raw_llm_batch", *WRITE_BUFFER)
 PHASES = ("init", "setup", "caching", "gather", "manifest", "swap", "done")
 # Manifest entries that legitimately differ between two runs of one config, or
@@ -139,7 +139,14 @@ class Probe:
         from datasets import Dataset
         from sae_lens.training.activations_store import ActivationsStore
 
-        from sae_cache_ext import manifest, runner, shuffle, staging, writer
+        from sae_cache_ext import (
+            manifest,
+            runner,
+            shard_files,
+            shuffle,
+            staging,
+            writer,
+        )
 
         attributes: list[tuple[str, Any, str]] = [
             ("os.rename", os, "rename"),
@@ -160,9 +167,11 @@ class Probe:
                 (f"{sink}.write_buffer", cls, "write_buffer"),
                 ("sink.finish", cls, "finish"),
             ]
+        attributes += [
+            ("ShardFiles.__init__", shard_files.ShardFiles, "__init__"),
+            ("ShardFiles.sync", shard_files.ShardFiles, "sync"),
+        ]
         functions = [
-            ("write_table", getattr(writer, "write_table", None)),
-            ("write_tables", getattr(writer, "write_tables", None)),
             ("write_json_atomic", getattr(writer, "write_json_atomic", None)),
             (
                 "write_dataset_metadata",
@@ -199,8 +208,11 @@ def sigkill_self() -> None:
 
 
 def limit_file_size(limit: int) -> Callable[[], None]:
+    # EFBIG instead of death, set here (a signal handler can only be set on the main
+    # thread) and inherited by the forked attempt, whose shard may sync on another
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
     def apply() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of death
         _, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
 
@@ -690,10 +702,9 @@ class Driver:
     # -- mode "write_error" ---------------------------------------------------------
 
     def write_error_mode(self) -> None:
-        from sae_cache_ext import writer
         from sae_cache_ext.staging import Layout
 
-        shard_writer = next(w for w in SHARD_WRITERS if hasattr(writer, w))
+        shard_writer = SHARD_WRITERS[0]
 
         for case in self.spec["cases"]:
             start = time.perf_counter()

@@ -3,7 +3,7 @@
 Usage: python -m tests.kill_child SPEC_JSON
 SPEC_JSON holds the tokenizer folder, the model's saved weights, the config kwargs,
 and `kill`: `[target, n]`: the process kills itself with SIGKILL right before the
-n-th call of `target` ("os.rename", "Path.rmdir", "write_tables", "write_buffer",
+n-th call of `target` ("os.rename", "Path.rmdir", "shard", "write_buffer",
 "write_json_atomic"), or never when `kill` is null.
 """
 
@@ -35,6 +35,7 @@ def main() -> None:
         manifest,
         shuffle,
     )
+    from sae_cache_ext.shard_files import ShardFiles
     from tests.fixtures import build_corpus, build_model
 
     model = build_model(Path(spec["tokenizer_dir"]))
@@ -44,7 +45,7 @@ def main() -> None:
         owners = {
             "os.rename": (os, "rename"),
             "Path.rmdir": (Path, "rmdir"),
-            "write_tables": (shuffle, "write_tables"),
+            "shard": (ShardFiles, "__init__"),  # a shard is started
             "write_buffer": (shuffle.BucketShuffleSink, "write_buffer"),
             "write_json_atomic": (manifest, "write_json_atomic"),
         }

@@ -23,18 +23,18 @@ from tests.helpers import columns, run_ours
 ROOT = Path(__file__).resolve().parent.parent
 
 # (target, n): kill right before the n-th call of target. With 3 buffers and
-# shuffle=True: write_buffer 2 is mid-caching; write_tables 2 is mid-gather;
+# shuffle=True: write_buffer 2 is mid-caching; shard 2 is mid-gather (the 2nd shard started);
 # the swap renames the empty output folder aside (os.rename 1 is the bucket
 # shard's... counted below), then moves staging in, then removes the backup.
 KILL_POINTS = [
     ("write_buffer", 2),
-    ("write_tables", 2),
+    ("shard", 2),
     ("write_json_atomic", 3),
     ("os.rename", -1),  # the swap's first rename (resolved at run time)
     ("os.rename", -2),  # the swap's second rename
     ("Path.rmdir", -1),  # the swap's backup removal
 ]
-FAST = {("write_tables", 2), ("os.rename", -2)}
+FAST = {("shard", 2), ("os.rename", -2)}
 
 
 def _cfg_kwargs(tmp_path: Path) -> dict:

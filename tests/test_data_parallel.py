@@ -176,8 +176,8 @@ def test_three_ranks_shuffled_several_hooks_hold_the_same_multiset(
     [
         (1, "write_buffer", 2),
         (1, "write_buffer", 3),
-        (0, "write_tables", 2),
-        (1, "write_tables", 2),
+        (0, "shard", 2),
+        (1, "shard", 2),
     ],
     ids=["rank1-caching", "rank1-last-buffer", "rank0-gathering", "rank1-gathering"],
 )
@@ -217,7 +217,7 @@ def _free_port() -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("where", "at", "phase"),
-    [("write_buffer", 2, "caching"), ("write_tables", 1, "gathering")],
+    [("write_buffer", 2, "caching"), ("shard", 1, "gathering")],
 )
 def test_a_failing_rank_fails_every_rank_at_once_without_torchrun(
     tmp_path, llama_dir, text_file, where, at, phase

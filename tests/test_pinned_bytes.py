@@ -35,6 +35,7 @@ import pytest
 import torch
 
 from sae_cache_ext import CacheActivationsRunner, CacheActivationsRunnerConfig, shuffle
+from sae_cache_ext.shard_files import ShardFiles
 from sae_cache_ext.staging import MARKER, Layout
 from tests.conftest import default_cfg_kwargs
 from tests.helpers import before_nth_call, cli_config
@@ -401,11 +402,7 @@ INTERRUPTIONS = {
         "write_buffer",
         3,
     ),
-    "gather": lambda cfg: (
-        shuffle,
-        "write_split_tables" if cfg.hook_names else "write_tables",
-        3,
-    ),
+    "gather": lambda cfg: (ShardFiles, "__init__", 3),  # the 3rd shard started
 }
 
 

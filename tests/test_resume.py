@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from sae_cache_ext import CacheActivationsRunnerConfig, shuffle
+from sae_cache_ext.shard_files import ShardFiles
 from sae_cache_ext.staging import MARKER, Layout
 from tests.conftest import default_cfg_kwargs
 from tests.helpers import before_nth_call, columns, run_ours
@@ -58,7 +59,7 @@ def test_resume_gives_the_uninterrupted_dataset(
         if where == "caching":
             _interrupt_on_call(m, sink, "write_buffer", 4)
         else:  # the shuffle's gather (or, unshuffled, the last buffer's write)
-            _interrupt_on_call(m, shuffle, "write_tables", 7 if not cfg.shuffle else 3)
+            _interrupt_on_call(m, ShardFiles, "__init__", 7 if not cfg.shuffle else 3)
         with pytest.raises(Interrupt):
             run_ours(cfg, tiny_model, corpus)
     layout = Layout.for_output(cfg.new_cached_activations_path)

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from sae_cache_ext import bucket_files, writer
+from sae_cache_ext import bucket_files, gather, writer
 from sae_cache_ext.bucket_files import TARGET_SHARD_BYTES, choose_n_buckets
 from sae_cache_ext.shuffle import BucketShuffleSink, OrderedSink
 from sae_cache_ext.writer import CacheSchema, rows_per_record_batch
@@ -54,12 +54,21 @@ def test_bucket_count_is_one_per_buffer_whatever_the_count_or_file_limit():
     assert choose_n_buckets(10, 100 * TARGET_SHARD_BYTES) == 100
 
 
-def test_rows_per_record_batch_keep_every_offset_under_2_to_the_31():
+def test_rows_per_record_batch_keep_every_offset_under_2_to_the_31(monkeypatch):
+    monkeypatch.setattr(writer, "RECORD_BATCH_VALUES", 2**40)  # offsets alone
     assert rows_per_record_batch(128 * 1024) == 1024  # 2^27 values: well under
     assert rows_per_record_batch(2048 * 4096) == 255  # 255 * 2^23 < 2^31 <= 256 * ...
     assert rows_per_record_batch(2**31 - 1) == 1
     with pytest.raises(ValueError, match="context_size"):
         rows_per_record_batch(2**31)
+
+
+def test_a_record_batch_holds_about_32_mb_of_float32_whatever_the_row():
+    assert writer.RECORD_BATCH_VALUES == 2**23
+    assert rows_per_record_batch(16 * 64) == 1024  # small rows: the row cap
+    assert rows_per_record_batch(128 * 1024) == 64  # the wide benchmark's rows
+    assert rows_per_record_batch(2048 * 4096) == 1  # one row of 2^23 values
+    assert rows_per_record_batch(2**31 - 1) == 1  # never none
 
 
 @pytest.mark.slow  # a fresh process importing sae-lens: about 20 s here
@@ -141,9 +150,10 @@ def _peak_rss_bytes() -> int:
 @pytest.mark.skipif(
     not Path("/proc/self/clear_refs").exists(), reason="needs Linux's clear_refs"
 )
-def test_the_gather_holds_one_bucket_and_a_record_batch(tmp_path):
-    """One bucket of 64 MB scattered from 256 buffers (256 record batches): the
-    gather's peak resident memory grows by about the bucket, not a multiple."""
+def test_the_gather_holds_one_bucket_and_its_record_batch_slots(tmp_path):
+    """One bucket of 64 MB scattered from 64 buffers (64 record batches): the
+    gather's peak resident memory grows by about the bucket and the record batches
+    being taken and written (`gather.SLOTS` of 32 MB), not a multiple."""
     rows, t, d = 32, 64, 128  # 32 KB a row, 1 MB a buffer
     schema = CacheSchema(hooks=(("hook", d),), context_size=t, dtype="float32")
     sink = BucketShuffleSink(tmp_path, schema, seed=1, n_buckets=1)
@@ -155,5 +165,6 @@ def test_the_gather_holds_one_bucket_and_a_record_batch(tmp_path):
     shards = sink.finish(quiet=True)[""]
     grown = _peak_rss_bytes() - before
     assert shards[0].rows == 64 * rows
-    # the bucket, one 32 MB record batch, and the pages being copied
-    assert grown < bucket_bytes + 32 * 2**20 + bucket_files._RELEASE_BYTES + 16 * 2**20
+    # the bucket, the 32 MB record batches, and the pages being copied
+    slots = gather.SLOTS * 32 * 2**20
+    assert grown < bucket_bytes + slots + bucket_files._RELEASE_BYTES + 16 * 2**20

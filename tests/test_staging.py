@@ -167,10 +167,10 @@ def test_a_run_failing_while_caching_leaves_nothing_behind(
 
 
 def test_a_writer_error_reaches_the_caller(make_cfg, tiny_model, corpus, monkeypatch):
-    from sae_cache_ext import shuffle
+    from sae_cache_ext.shard_files import ShardFiles
 
     cfg = make_cfg()
-    monkeypatch.setattr(shuffle, "write_tables", fail_on_call(shuffle.write_tables, 1))
+    monkeypatch.setattr(ShardFiles, "__init__", fail_on_call(ShardFiles.__init__, 1))
     with pytest.raises(OSError, match="injected"):
         run_ours(cfg, tiny_model, corpus)
     assert not Layout.for_output(cfg.new_cached_activations_path).staging.exists()
