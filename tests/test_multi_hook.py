@@ -9,6 +9,7 @@ import pytest
 from datasets import load_from_disk
 
 from sae_cache_ext import CacheActivationsRunner, CacheActivationsRunnerConfig, shuffle
+from sae_cache_ext.shard_files import ShardFiles
 from sae_cache_ext.staging import MARKER
 from sae_cache_ext.train import train_sae_from_cache
 from sae_cache_ext.verify import describe_cache, format_description, verify_cache
@@ -229,7 +230,7 @@ def test_resume_gives_the_uninterrupted_hooks(
         if where == "caching":
             target, name, n = shuffle.BucketShuffleSink, "write_buffer", 2
         else:
-            target, name, n = shuffle, "write_split_tables", 2
+            target, name, n = ShardFiles, "__init__", 2
         m.setattr(target, name, before_nth_call(getattr(target, name), n, _interrupt))
         with pytest.raises(RuntimeError, match="interrupted"):
             _multi(tmp_path / "run", tiny_model, corpus, resume=True, **options)
