@@ -43,8 +43,9 @@ _POOL = pa.system_memory_pool()
 
 def choose_n_buckets(n_buffers: int, total_bytes: int = 0) -> int:
     """One bucket per buffer (so a final shard is about one buffer), at least 4
-    (disk peak 1.25x), and enough that a shard's expected size stays under
-    `TARGET_SHARD_BYTES` when buffers are larger than that."""
+    (the disk peaks at the dataset plus two buckets: at most 1.5x), and enough that
+    a shard's expected size stays under `TARGET_SHARD_BYTES` when buffers are larger
+    than that."""
     return max(MIN_BUCKETS, n_buffers, math.ceil(total_bytes / TARGET_SHARD_BYTES))
 
 

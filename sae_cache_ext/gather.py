@@ -29,7 +29,8 @@ from sae_cache_ext.shard_files import ShardFiles, ShardInfo
 from sae_cache_ext.writer import BackgroundWriter, CacheSchema
 
 SLOTS = 2  # record batches alive at once: one being taken, one being written
-SYNCS = 2  # shards closed and waiting for their fsync at once
+SYNCS = 1  # a shard being fsynced while the next is written: the disk then holds
+# at most two buckets beside the shards already done
 
 
 @dataclass(frozen=True)

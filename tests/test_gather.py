@@ -93,3 +93,18 @@ def test_the_gather_gives_the_same_bytes_with_one_slot_as_with_several(
         shards = _scattered(folder).finish(quiet=True)[""]
         digests.append([s.sha256 for s in shards])
     assert digests[0] == digests[1] == digests[2]
+
+
+def test_the_disk_holds_at_most_the_dataset_and_two_buckets(tmp_path):
+    sink = _scattered(tmp_path, buffers=8)
+    buckets = [p.stat().st_size for p in (tmp_path / "buckets").iterdir()]
+    seen = []
+
+    def measure(_state) -> None:  # at each shard done, before its bucket goes
+        seen.append(sum(p.stat().st_size for p in tmp_path.rglob("*.arrow")))
+
+    shards = sink.finish(quiet=True, checkpoint=measure)[""]
+    # the buckets, then at most two shards whose buckets are not deleted yet (the
+    # one being synced and the next one written)
+    assert max(seen) <= sum(buckets) + 2 * max(s.nbytes for s in shards)
+    assert max(seen) > sum(buckets)  # a bucket and its shard do coexist

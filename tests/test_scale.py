@@ -46,7 +46,7 @@ def _read(path: Path) -> tuple[list[int], np.ndarray, np.ndarray]:
 
 
 def test_bucket_count_is_one_per_buffer_whatever_the_count_or_file_limit():
-    assert choose_n_buckets(1) == 4  # at least 4: the disk peak stays at 1.25x
+    assert choose_n_buckets(1) == 4  # at least 4: the disk peak stays under 1.5x
     assert choose_n_buckets(300) == 300  # the same as before for small runs
     assert choose_n_buckets(600) == 600  # no longer capped by the open-file limit
     assert choose_n_buckets(100_000) == 100_000
