@@ -10,7 +10,9 @@ for the processor nor the processor for the disk.
 
 So the next bucket is read while the last batches of the previous shard are being
 written, and a shard is written while the one before it is flushed. Memory: one
-bucket, plus `SLOTS` record batches (each about 32 MB, `RECORD_BATCH_VALUES`).
+bucket, plus `SLOTS` record batches (each about 32 MB, `RECORD_BATCH_VALUES`). Disk:
+at most two buckets are held beside the shards already done (the shard being synced
+and the next one written, `SYNCS`).
 """
 
 from __future__ import annotations
