@@ -4,7 +4,9 @@
 ranges of the sizes, the local dataset path (a path that looks local is never sent
 to the Hub), the output path. The full checks (`validate`) run again once the model
 is loaded; these only make the common mistakes answer in a fraction of a second.
-`looks_local` decides whether a `dataset_path` names a local file or folder.
+`looks_local` decides whether a `dataset_path` names a local file or folder, and
+`output_path_problem` whether an output path may receive a new cache (the runner's
+rule too).
 """
 
 from __future__ import annotations
@@ -104,17 +106,28 @@ def _check_output_path(values: dict[str, Any]) -> None:
     final = Path(path).expanduser().absolute()
     if (final.parent / f".{final.name}.sae-cache-ext-backup").exists():
         return  # a crashed swap: the runner sorts it out (staging.Layout's name)
+    problem = output_path_problem(
+        final, path, "; set resume: true to continue an interrupted run of this config"
+    )
+    if problem is not None:
+        raise PrecheckError(problem)
+
+
+def output_path_problem(final: Path, shown: str, advice: str = "") -> str | None:
+    """Why `final` cannot receive a new cache (sae-lens's rule: it must hold
+    nothing), or None. The one rule for the runner (`staging.check_output_free`)
+    and the command line's early check; `shown` is the path as the user gave it."""
     if final.is_symlink() or (final.exists() and not final.is_dir()):
-        raise PrecheckError(
-            f"new_cached_activations_path={path!r} is a file, not a folder. Choose a "
+        return (
+            f"new_cached_activations_path={shown!r} is a file, not a folder. Choose a "
             "folder path that does not exist yet or is empty."
         )
     if final.is_dir() and any(final.iterdir()):
-        # sae-lens's sentence, word for word (as the runner's check), then ours
-        raise PrecheckError(
+        # sae-lens's sentence, word for word, then ours
+        return (
             f"Activations directory ({final}) is not empty. Please delete it or "
             "specify a different path. Exiting the script to prevent accidental "
-            f"deletion of files. (new_cached_activations_path={path!r}; "
-            "sae-cache-ext never overwrites existing files; set resume: true to "
-            "continue an interrupted run of this config.)"
+            f"deletion of files. (new_cached_activations_path={shown!r}; "
+            f"sae-cache-ext never overwrites existing files{advice}.)"
         )
+    return None

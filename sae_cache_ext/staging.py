@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from sae_cache_ext.lease import Lease
+from sae_cache_ext.precheck import output_path_problem
 from sae_cache_ext.writer import fsync_dir, write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -196,20 +197,9 @@ def recover(
 
 def check_output_free(layout: Layout) -> None:
     """Refuse an output path that holds anything (sae-lens's rule), before any work."""
-    final = layout.final
-    if final.is_symlink() or (final.exists() and not final.is_dir()):
-        raise FileExistsError(
-            f"new_cached_activations_path={str(final)!r} is a file, not a folder. "
-            "Choose a folder path that does not exist yet or is empty."
-        )
-    if final.is_dir() and any(final.iterdir()):
-        # sae-lens's sentence, word for word, then ours
-        raise FileExistsError(
-            f"Activations directory ({final}) is not empty. Please delete it or "
-            "specify a different path. Exiting the script to prevent accidental "
-            f"deletion of files. (new_cached_activations_path={str(final)!r}; "
-            "sae-cache-ext never overwrites existing files.)"
-        )
+    problem = output_path_problem(layout.final, str(layout.final))
+    if problem is not None:
+        raise FileExistsError(problem)
 
 
 def new_marker(layout: Layout, fingerprint: str, **extra: Any) -> dict[str, Any]:
