@@ -148,9 +148,16 @@ def read_holder(path: Path) -> Holder | None:
 class Lease:
     """A held lease: renewed on a heartbeat thread until `release()`."""
 
-    def __init__(self, path: Path, run_id: str, heartbeat_seconds: float) -> None:
+    def __init__(
+        self,
+        path: Path,
+        run_id: str,
+        heartbeat_seconds: float,
+        stale_seconds: float = DEFAULT_STALE_SECONDS,
+    ) -> None:
         self.path = path
         self.run_id = run_id
+        self._stale_seconds = stale_seconds
         self._heartbeat_seconds = heartbeat_seconds
         self._stop = threading.Event()
         self.lost = False
@@ -175,7 +182,7 @@ class Lease:
         waiting_since = None
         while True:
             if _create(path, run_id):
-                return cls(path, run_id, heartbeat)
+                return cls(path, run_id, heartbeat, stale_seconds)
             holder = read_holder(path)
             if holder is None:
                 continue  # released meanwhile
@@ -193,7 +200,7 @@ class Lease:
                     if holder.run_id is None
                     else f"stale after {stale_seconds:.0f} s",
                 )
-                _remove_if_unchanged(path, stale_seconds)
+                _remove_if_unchanged(path, stale_seconds, run_id)
                 continue
             if not wait:
                 raise LeaseHeldError(
@@ -245,6 +252,8 @@ class Lease:
         self._thread.join()
         if self.held():
             self.path.unlink(missing_ok=True)
+            # a takeover file left by a run killed while taking this lease over
+            _clear_abandoned(_takeover_path(self.path), self._stale_seconds)
             fsync_dir(self.path.parent)
 
     def __enter__(self) -> Lease:
@@ -277,22 +286,16 @@ def _create(path: Path, run_id: str) -> bool:
     return True
 
 
-def _remove_if_unchanged(path: Path, stale_seconds: float) -> None:
+def _remove_if_unchanged(path: Path, stale_seconds: float, run_id: str) -> None:
     """Remove the stale lease at `path`, unless it changed meanwhile. Contenders
-    take turns through an exclusively created `<lease>.takeover` file, and each
-    re-reads the lease under it, so a lease just created by the winner is never
-    removed by a slower contender."""
-    mutex = path.with_name(path.name + _TAKEOVER)
-    try:
-        fd = os.open(mutex, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        with contextlib.suppress(FileNotFoundError):
-            age = _fs_now(path.parent) - mutex.stat().st_mtime
-            if age > stale_seconds:  # a contender died mid-takeover
-                mutex.unlink(missing_ok=True)
+    take turns through an exclusively created `<lease>.takeover` file (naming its
+    holder, as a lease does), and each re-reads the lease under it, so a lease just
+    created by the winner is never removed by a slower contender."""
+    mutex = _takeover_path(path)
+    if not _create(mutex, run_id):
+        _clear_abandoned(mutex, stale_seconds)  # a contender died mid-takeover
         time.sleep(0.01)
         return
-    os.close(fd)
     try:
         holder = read_holder(path)
         if holder is not None and holder.abandoned(stale_seconds):
@@ -302,4 +305,16 @@ def _remove_if_unchanged(path: Path, stale_seconds: float) -> None:
                 if error.errno != errno.ENOENT:
                     raise
     finally:
+        mutex.unlink(missing_ok=True)
+
+
+def _takeover_path(path: Path) -> Path:
+    return path.with_name(path.name + _TAKEOVER)
+
+
+def _clear_abandoned(mutex: Path, stale_seconds: float) -> None:
+    """Remove the takeover file `mutex` if its holder is gone (killed while taking
+    a lease over), so it never outlives the runs."""
+    holder = read_holder(mutex)
+    if holder is not None and holder.abandoned(stale_seconds):
         mutex.unlink(missing_ok=True)

@@ -203,6 +203,7 @@ def _contend(path: str, start_at: float, results) -> None:
     try:
         Lease.acquire(Path(path), stale_seconds=60)  # never released: the test reads it
         results.put("won")
+        time.sleep(3)  # alive while the others decide (a dead holder is taken over)
     except LeaseHeldError:
         results.put("refused")
 
@@ -303,3 +304,47 @@ def test_a_lease_its_run_died_creating_is_taken_over_after_a_short_grace(tmp_pat
         assert waited >= lease.UNNAMED_GRACE_SECONDS * 0.5
     finally:
         held.release()
+
+
+def _die_holding_the_takeover_file(path: str) -> None:
+    # a run killed while taking a stale lease over: it removed the lease, and
+    # dies before removing its takeover file
+    assert lease._create(lease._takeover_path(Path(path)), "killed-run")
+    os._exit(0)
+
+
+def test_a_takeover_file_left_by_a_killed_run_never_outlives_the_next_run(tmp_path):
+    path = tmp_path / "lease"
+    proc = multiprocessing.get_context("fork").Process(
+        target=_die_holding_the_takeover_file, args=(str(path),)
+    )
+    proc.start()
+    proc.join(30)
+    mutex = lease._takeover_path(path)
+    assert proc.exitcode == 0 and mutex.exists() and not path.exists()
+    with Lease.acquire(path, stale_seconds=3600):  # no lease: taken at once
+        assert mutex.exists()
+    assert not mutex.exists()  # its holder is gone: removed with the lease
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    # a live contender's takeover file stays
+    assert lease._create(mutex, "live")
+    with Lease.acquire(path, stale_seconds=3600):
+        pass
+    assert mutex.exists()
+
+
+def test_a_stale_lease_behind_a_dead_contenders_takeover_file_is_taken_at_once(
+    tmp_path,
+):
+    path = tmp_path / "lease"
+    _stale_lease(path, age=7200)
+    proc = multiprocessing.get_context("fork").Process(
+        target=_die_holding_the_takeover_file, args=(str(path),)
+    )
+    proc.start()
+    proc.join(30)
+    started = time.monotonic()
+    with Lease.acquire(path, stale_seconds=3600) as held:
+        assert lease.read_holder(path).run_id == held.run_id  # type: ignore[union-attr]
+    assert time.monotonic() - started < 30  # not the 3600 s staleness
+    assert not lease._takeover_path(path).exists()
